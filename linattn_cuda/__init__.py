@@ -1,0 +1,26 @@
+"""linattn_cuda: exact second-order Taylor ("Based"-style) linear attention for PyTorch.
+
+    out = taylor_attention(q, k, v, causal=True)          # [B,H,L,D], [B,H,L,D], [B,H,L,Dv]
+    out, state = taylor_attention_prefill(q, k, v)        # causal, returns the decoding state
+    out_t, state = taylor_attention_step(q_t, k_t, v_t, state)
+"""
+from ._extension import extension_loaded
+from .api import taylor_attention, taylor_attention_prefill, taylor_attention_step
+from .backends import available_backends, backend_names
+from .feature_map import feature_dim, taylor_feature_map
+from .reference import TaylorState, empty_state
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "taylor_attention",
+    "taylor_attention_prefill",
+    "taylor_attention_step",
+    "taylor_feature_map",
+    "feature_dim",
+    "TaylorState",
+    "empty_state",
+    "available_backends",
+    "backend_names",
+    "extension_loaded",
+]

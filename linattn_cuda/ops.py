@@ -1,0 +1,61 @@
+"""Python side of the C++/CUDA custom ops ``torch.ops.linattn_cuda.*``: fake (meta) kernels for
+torch.compile and autograd for ``taylor_fwd``. The schemas live in csrc/ops.cpp."""
+from __future__ import annotations
+
+import torch
+
+from ._extension import extension_loaded
+
+_ACC = {torch.float64: torch.float64}
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return _ACC.get(dtype, torch.float32)
+
+
+def _fwd_fake(q, k, v, key_padding_mask, causal, scale):
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "q, k, v must be 4-D")
+    out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+    den = q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=_acc_dtype(q.dtype))
+    return out, den
+
+
+def _bwd_fake(grad_out, q, k, v, key_padding_mask, out, den, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _prefill_fake(q, k, v, key_padding_mask, kv, k_sum, scale):
+    b, h, _, d = q.shape
+    m = 1 + d + d * (d + 1) // 2
+    acc = kv.dtype if kv is not None else _acc_dtype(q.dtype)
+    out = q.new_empty(b, h, q.shape[2], v.shape[3])
+    return out, q.new_empty(b, h, m, v.shape[3], dtype=acc), q.new_empty(b, h, m, dtype=acc)
+
+
+def _step_fake(q, k, v, kv, k_sum, scale):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), torch.empty_like(kv), torch.empty_like(k_sum)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, causal, scale = inputs
+    out, den = output
+    ctx.save_for_backward(q, k, v, key_padding_mask, out, den)
+    ctx.causal = causal
+    ctx.scale = scale
+    ctx.mark_non_differentiable(den)
+
+
+def _backward(ctx, grad_out, grad_den):
+    q, k, v, key_padding_mask, out, den = ctx.saved_tensors
+    dq, dk, dv = torch.ops.linattn_cuda.taylor_bwd(
+        grad_out, q, k, v, key_padding_mask, out, den, ctx.causal, ctx.scale
+    )
+    return dq, dk, dv, None, None, None
+
+
+if extension_loaded():
+    torch.library.register_fake("linattn_cuda::taylor_fwd")(_fwd_fake)
+    torch.library.register_fake("linattn_cuda::taylor_bwd")(_bwd_fake)
+    torch.library.register_fake("linattn_cuda::taylor_prefill")(_prefill_fake)
+    torch.library.register_fake("linattn_cuda::taylor_step")(_step_fake)
+    torch.library.register_autograd("linattn_cuda::taylor_fwd", _backward, setup_context=_setup_context)

@@ -1,0 +1,198 @@
+"""Pure-PyTorch Taylor attention: the ground truth every fast backend is tested against, and the fallback.
+
+All forms compute the same function (SPEC section 1) and are differentiable with plain autograd:
+
+* ``quadratic``  -- w = 1 + s + s^2/2 materialized as an Lq x Lk matrix (O(L^2) memory).
+* ``linear``     -- phi(q)^T (sum phi(k) v^T) / phi(q)^T (sum phi(k)), causal via prefix sums (O(L M Dv) memory).
+* ``chunked``    -- causal: quadratic inside chunks of C tokens, the (kv, k_sum) state carried across chunks.
+* ``recurrent``  -- causal: one token at a time, the decoding recurrence.
+
+Inputs of half precision are computed in float32, float64 stays float64; outputs take the input dtype.
+A query with no visible unmasked key returns 0.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from .feature_map import taylor_feature_map
+
+__all__ = [
+    "TaylorState",
+    "accumulate_dtype",
+    "taylor_attention_quadratic",
+    "taylor_attention_linear",
+    "taylor_attention_chunked",
+    "taylor_attention_recurrent",
+    "taylor_attention_step_reference",
+    "empty_state",
+]
+
+
+class TaylorState(NamedTuple):
+    """Recurrent decoding state of one causal Taylor attention layer (symmetric feature map).
+
+    kv:    [B, H, M, Dv]  sum_j phi(k_j) v_j^T
+    k_sum: [B, H, M]      sum_j phi(k_j)
+    Both float32 (float64 when the inputs are float64).
+    """
+
+    kv: torch.Tensor
+    k_sum: torch.Tensor
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def empty_state(batch: int, heads: int, head_dim: int, value_dim: int, *, dtype=torch.float32, device=None) -> TaylorState:
+    """The state of an empty prefix (all zeros)."""
+    from .feature_map import feature_dim
+
+    m = feature_dim(head_dim)
+    return TaylorState(
+        torch.zeros(batch, heads, m, value_dim, dtype=dtype, device=device),
+        torch.zeros(batch, heads, m, dtype=dtype, device=device),
+    )
+
+
+def _safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den[..., None], with 0 where den == 0 (a query that sees no key); gradient-safe."""
+    ok = den != 0
+    den_safe = torch.where(ok, den, torch.ones_like(den))
+    return torch.where(ok.unsqueeze(-1), num / den_safe.unsqueeze(-1), torch.zeros_like(num))
+
+
+def _key_keep(key_padding_mask: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
+    """[B, Lk] float multiplier: 1 for real keys, 0 for padding (mask True = padding)."""
+    if key_padding_mask is None:
+        return None
+    return (~key_padding_mask).to(dtype)
+
+
+def taylor_attention_quadratic(q, k, v, *, causal=False, scale=None, key_padding_mask=None):
+    """Taylor attention in the quadratic form: out_i = sum_j w_ij v_j / sum_j w_ij."""
+    out_dtype = q.dtype
+    acc = accumulate_dtype(q.dtype)
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    d = q.shape[-1]
+    scale = (1.0 / d**0.5) if scale is None else scale
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    w = 1.0 + s + 0.5 * s * s
+    if causal:
+        lq, lk = q.shape[-2], k.shape[-2]
+        visible = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+        w = w * visible.to(acc)
+    keep = _key_keep(key_padding_mask, acc)
+    if keep is not None:
+        w = w * keep[:, None, None, :]
+    num = torch.matmul(w, v)
+    den = w.sum(-1)
+    return _safe_divide(num, den).to(out_dtype)
+
+
+def taylor_attention_linear(q, k, v, *, causal=False, scale=None, key_padding_mask=None, symmetric=True):
+    """Taylor attention in the linear (feature-map) form. Causal uses prefix sums over L x M x Dv."""
+    out_dtype = q.dtype
+    acc = accumulate_dtype(q.dtype)
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    fq = taylor_feature_map(q, scale, symmetric)
+    fk = taylor_feature_map(k, scale, symmetric)
+    keep = _key_keep(key_padding_mask, acc)
+    if keep is not None:
+        fk = fk * keep[:, None, :, None]
+    if causal:
+        kv = torch.cumsum(fk.unsqueeze(-1) * v.unsqueeze(-2), dim=-3)  # [B,H,L,M,Dv]
+        ksum = torch.cumsum(fk, dim=-2)
+        num = torch.einsum("bhlm,bhlmv->bhlv", fq, kv)
+        den = (fq * ksum).sum(-1)
+    else:
+        kv = torch.einsum("bhlm,bhlv->bhmv", fk, v)
+        ksum = fk.sum(-2)
+        num = torch.einsum("bhlm,bhmv->bhlv", fq, kv)
+        den = torch.einsum("bhlm,bhm->bhl", fq, ksum)
+    return _safe_divide(num, den).to(out_dtype)
+
+
+def taylor_attention_chunked(q, k, v, *, scale=None, key_padding_mask=None, chunk_size=64, initial_state=None):
+    """Causal Taylor attention, chunked: returns ``(out, final_state)``.
+
+    Inside a chunk the quadratic form with a causal mask; across chunks the (kv, k_sum) state.
+    ``initial_state`` (a TaylorState) is the state of a preceding prefix.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    out_dtype = q.dtype
+    acc = accumulate_dtype(q.dtype)
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    b, h, length, d = q.shape
+    scale = (1.0 / d**0.5) if scale is None else scale
+    keep = _key_keep(key_padding_mask, acc)
+    if initial_state is None:
+        state = empty_state(b, h, d, v.shape[-1], dtype=acc, device=q.device)
+    else:
+        state = TaylorState(initial_state.kv.to(acc), initial_state.k_sum.to(acc))
+    kv, ksum = state
+    outs = []
+    for start in range(0, length, chunk_size):
+        stop = min(start + chunk_size, length)
+        qc, kc, vc = q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop]
+        fq = taylor_feature_map(qc, scale)
+        fk = taylor_feature_map(kc, scale)
+        s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+        w = (1.0 + s + 0.5 * s * s) * torch.ones(stop - start, stop - start, device=q.device, dtype=acc).tril()
+        if keep is not None:
+            kc_keep = keep[:, start:stop]
+            w = w * kc_keep[:, None, None, :]
+            fk = fk * kc_keep[:, None, :, None]
+        num = torch.matmul(fq, kv) + torch.matmul(w, vc)
+        den = torch.einsum("bhlm,bhm->bhl", fq, ksum) + w.sum(-1)
+        outs.append(_safe_divide(num, den))
+        kv = kv + torch.matmul(fk.transpose(-1, -2), vc)
+        ksum = ksum + fk.sum(-2)
+    out = torch.cat(outs, dim=-2) if outs else q.new_zeros(b, h, 0, v.shape[-1])
+    return out.to(out_dtype), TaylorState(kv, ksum)
+
+
+def taylor_attention_step_reference(q, k, v, state: TaylorState, *, scale=None):
+    """One decoding step. q, k: [B, H, D]; v: [B, H, Dv]. Returns ``(out [B, H, Dv], new_state)``."""
+    out_dtype = q.dtype
+    acc = state.kv.dtype
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    fq = taylor_feature_map(q, scale)
+    fk = taylor_feature_map(k, scale)
+    kv = state.kv + fk.unsqueeze(-1) * v.unsqueeze(-2)
+    ksum = state.k_sum + fk
+    num = torch.einsum("bhm,bhmv->bhv", fq, kv)
+    den = (fq * ksum).sum(-1)
+    return _safe_divide(num, den).to(out_dtype), TaylorState(kv, ksum)
+
+
+def taylor_attention_recurrent(q, k, v, *, scale=None, key_padding_mask=None, initial_state=None):
+    """Causal Taylor attention one token at a time (the decoding recurrence): ``(out, final_state)``.
+
+    A padded key (mask True) leaves the state unchanged; its query still reads the state.
+    """
+    out_dtype = q.dtype
+    acc = accumulate_dtype(q.dtype)
+    b, h, length, d = q.shape
+    if initial_state is None:
+        initial_state = empty_state(b, h, d, v.shape[-1], dtype=acc, device=q.device)
+    kv, ksum = initial_state.kv.to(acc), initial_state.k_sum.to(acc)
+    fq_all = taylor_feature_map(q.to(acc), scale)
+    fk_all = taylor_feature_map(k.to(acc), scale)
+    keep = _key_keep(key_padding_mask, acc)
+    if keep is not None:
+        fk_all = fk_all * keep[:, None, :, None]
+    v = v.to(acc)
+    outs = []
+    for t in range(length):
+        fq, fk = fq_all[:, :, t], fk_all[:, :, t]
+        kv = kv + fk.unsqueeze(-1) * v[:, :, t].unsqueeze(-2)
+        ksum = ksum + fk
+        num = torch.einsum("bhm,bhmv->bhv", fq, kv)
+        den = (fq * ksum).sum(-1)
+        outs.append(_safe_divide(num, den))
+    out = torch.stack(outs, dim=-2) if outs else q.new_zeros(b, h, 0, v.shape[-1], dtype=acc)
+    return out.to(out_dtype), TaylorState(kv, ksum)
