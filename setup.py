@@ -45,15 +45,15 @@ def _want_cuda() -> bool:
 def _extension():
     debug = _flag("LINATTN_DEBUG")
     cxx = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
-    cxx += ["-std=c++17", "-fopenmp"]
+    cxx += ["-fopenmp"]  # the C++ standard is left to torch (C++20 from torch 2.13 on)
     sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     if _want_cuda() and cuda_sources:
         archs = os.environ.get("LINATTN_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         if debug:
-            nvcc = ["-O0", "-g", "-G", "-std=c++17"]
+            nvcc = ["-O0", "-g", "-G"]
         return CUDAExtension(
             "linattn_cuda._C",
             sources + cuda_sources,

@@ -1,0 +1,685 @@
+// Fused C++ CPU kernels of second-order Taylor attention (schemas in csrc/ops.cpp).
+//
+// Every (batch, head) pair is an independent task; tasks run in parallel (at::parallel_for).
+// Inside a task the sequence is processed in chunks of C tokens with GEMM-shaped loops (the BLAS sgemm
+// / dgemm that torch links, called directly without tensor overhead):
+//
+//   * quadratic form, per chunk of queries:  S = scale Q K^T,  P = 1 + S + S^2/2,  [N | z] = P [V | 1]
+//   * linear form: the state S_aug = sum_j phi(k_j) [v_j | 1]^T  (M x (Dv+1): kv and k_sum side by side),
+//     out = phi(Q) S_aug; causal = quadratic inside a chunk + the state of the chunks before it.
+//
+// phi (symmetric map, feature order of linattn_cuda/feature_map.py) is built per chunk in a C x M scratch
+// buffer that stays in cache; no L x M matrix is ever written. Padded keys are handled by zeroing their row
+// of [V | 1], which removes them from numerator, normalizer and state at once. Accumulation and the final
+// division happen in float32 (float64 for float64 inputs); the output is cast to the input dtype last.
+//
+// Backward (w = 1 + s + s^2/2, out_i = N_i / Z_i): with G_i = [dO_i / Z_i | -delta_i], delta_i = dO_i.out_i/Z_i,
+//   dw_ij = G_i . [v_j | 1],  dS_ij = dw_ij (1 + s_ij),  dq = scale dS K,  dk = scale dS^T Q,  dv = P^T G[:, :Dv]
+// and in the linear form dq_i = J_phi(q_i)^T (S_aug G_i), dk_j = J_phi(k_j)^T (R_aug [v_j | 1]),
+// dv_j = phi(k_j)^T R_aug[:, :Dv] with R_aug = sum over later queries of phi(q_i) G_i^T.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+// The Fortran BLAS that torch's CPU library links (MKL on x86-64 wheels). Weak: when a build of torch does
+// not export them, the portable loops below take over.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+            const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+namespace linattn_cuda {
+namespace {
+
+constexpr int64_t kMaxHeadDim = 128;
+constexpr int64_t kMaxValueDim = 256;
+
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return fallback;
+  return std::max<int64_t>(1, std::atoll(value));
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Row-major GEMM: C[m x n] = alpha * op(A) op(B) + beta * C, with leading dimensions = row strides.
+template <typename T>
+void portable_gemm(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta,
+                   T* c, int ldc) {
+  for (int i = 0; i < m; ++i) {
+    T* crow = c + static_cast<int64_t>(i) * ldc;
+    for (int j = 0; j < n; ++j) crow[j] = beta == T(0) ? T(0) : crow[j] * beta;
+    for (int p = 0; p < k; ++p) {
+      const T aip = alpha * (ta ? a[static_cast<int64_t>(p) * lda + i] : a[static_cast<int64_t>(i) * lda + p]);
+      if (aip == T(0)) continue;
+      if (!tb) {
+        const T* brow = b + static_cast<int64_t>(p) * ldb;
+        for (int j = 0; j < n; ++j) crow[j] += aip * brow[j];
+      } else {
+        for (int j = 0; j < n; ++j) crow[j] += aip * b[static_cast<int64_t>(j) * ldb + p];
+      }
+    }
+  }
+}
+
+template <typename T>
+void gemm(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c,
+          int ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {
+    portable_gemm(ta, tb, m, n, 0, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  // Row-major C = op(A) op(B)  <=>  column-major C^T = op(B)^T op(A)^T.
+  const char tra = tb ? 'T' : 'N';
+  const char trb = ta ? 'T' : 'N';
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_ != nullptr) {
+      sgemm_(&tra, &trb, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
+      return;
+    }
+  } else {
+    if (dgemm_ != nullptr) {
+      dgemm_(&tra, &trb, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
+      return;
+    }
+  }
+  portable_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The symmetric feature map and its Jacobian-transpose product.
+template <typename T>
+struct FeatureMap {
+  int d;
+  int m;
+  T c1, c2, c3;
+  explicit FeatureMap(int head_dim, double scale)
+      : d(head_dim),
+        m(1 + head_dim + head_dim * (head_dim + 1) / 2),
+        c1(static_cast<T>(std::sqrt(scale))),
+        c2(static_cast<T>(scale / std::sqrt(2.0))),
+        c3(static_cast<T>(scale)) {}
+
+  // phi of n rows of x ([n x d], row stride d) into out ([n x m]).
+  void build(const T* x, int n, T* out) const {
+    for (int r = 0; r < n; ++r) {
+      const T* xr = x + static_cast<int64_t>(r) * d;
+      T* o = out + static_cast<int64_t>(r) * m;
+      o[0] = T(1);
+      for (int a = 0; a < d; ++a) {
+        o[1 + a] = c1 * xr[a];
+        o[1 + d + a] = c2 * xr[a] * xr[a];
+      }
+      T* cross = o + 1 + 2 * d;
+      for (int a = 0; a < d; ++a) {
+        const T xa = c3 * xr[a];
+        for (int b = a + 1; b < d; ++b) *cross++ = xa * xr[b];
+      }
+    }
+  }
+
+  // grad[r] += J_phi(x_r)^T u_r for n rows (u: [n x m]).
+  void backprop(const T* x, const T* u, int n, T* grad) const {
+    for (int r = 0; r < n; ++r) {
+      const T* xr = x + static_cast<int64_t>(r) * d;
+      const T* ur = u + static_cast<int64_t>(r) * m;
+      T* g = grad + static_cast<int64_t>(r) * d;
+      for (int a = 0; a < d; ++a) g[a] += c1 * ur[1 + a] + T(2) * c2 * xr[a] * ur[1 + d + a];
+      const T* cross = ur + 1 + 2 * d;
+      for (int a = 0; a < d; ++a) {
+        T acc = T(0);
+        const T xa = c3 * xr[a];
+        for (int b = a + 1; b < d; ++b, ++cross) {
+          acc += c3 * xr[b] * (*cross);
+          g[b] += xa * (*cross);
+        }
+        g[a] += acc;
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Problem description shared by the kernels; pointers are to contiguous [B, H, L, *] buffers of type T.
+struct Shape {
+  int64_t batch, heads, lq, lk, d, dv;
+};
+
+// Which algorithm and chunk size, per shape. Measured on a 2-core Xeon (Sapphire Rapids) with MKL:
+// see bench/results and the README; overridable with LINATTN_CPU_CHUNK / LINATTN_CPU_QUADRATIC_MAX.
+struct Plan {
+  bool quadratic;  // non-causal: quadratic form over all keys; causal: one chunk covering everything
+  int chunk;       // tokens per chunk
+};
+
+// LINATTN_CPU_FORM = "quadratic" | "linear" forces a form (tests, benchmarks); unset = per-shape choice.
+int forced_form() {
+  const char* value = std::getenv("LINATTN_CPU_FORM");
+  if (value == nullptr) return 0;
+  const std::string form(value);
+  if (form == "quadratic") return 1;
+  if (form == "linear") return 2;
+  TORCH_CHECK(form.empty() || form == "auto", "LINATTN_CPU_FORM must be 'quadratic', 'linear' or 'auto', got '",
+              form, "'");
+  return 0;
+}
+
+Plan make_plan(const Shape& s, bool causal) {
+  const int form = forced_form();
+  const int64_t m = 1 + s.d + s.d * (s.d + 1) / 2;
+  const int64_t dv1 = s.dv + 1;
+  const int64_t chunk = env_int("LINATTN_CPU_CHUNK", 128);
+  if (causal) {
+    const int64_t quad_max = env_int("LINATTN_CPU_QUADRATIC_MAX", 256);
+    if ((form == 0 && s.lq <= quad_max) || form == 1) return {true, static_cast<int>(std::max<int64_t>(s.lq, 1))};
+    return {false, static_cast<int>(chunk)};
+  }
+  // Non-causal: FLOPs of each form; the quadratic form runs closer to peak, hence the factor 2.
+  const double quad = 2.0 * s.lq * s.lk * (s.d + dv1);
+  const double lin = 2.0 * (s.lq + s.lk) * m * dv1;
+  const bool quadratic = form == 0 ? (s.lk <= 4096 && quad <= 2.0 * lin) : form == 1;
+  return {quadratic, static_cast<int>(chunk)};
+}
+
+template <typename T>
+inline T poly(T s) {
+  return T(1) + s + T(0.5) * s * s;
+}
+
+// [v | 1] for n keys, zero rows for padded keys.
+template <typename T>
+void build_value_aug(const T* v, const bool* pad, int n, int dv, T* out) {
+  const int dv1 = dv + 1;
+  for (int r = 0; r < n; ++r) {
+    T* o = out + static_cast<int64_t>(r) * dv1;
+    if (pad != nullptr && pad[r]) {
+      std::fill(o, o + dv1, T(0));
+    } else {
+      std::copy(v + static_cast<int64_t>(r) * dv, v + static_cast<int64_t>(r + 1) * dv, o);
+      o[dv] = T(1);
+    }
+  }
+}
+
+// out_r = num_r[:dv] / num_r[dv] (0 when the normalizer is 0); den_r = num_r[dv].
+template <typename T>
+void normalize_rows(const T* num, int n, int dv, T* out, T* den) {
+  const int dv1 = dv + 1;
+  for (int r = 0; r < n; ++r) {
+    const T* nr = num + static_cast<int64_t>(r) * dv1;
+    const T z = nr[dv];
+    const T inv = z != T(0) ? T(1) / z : T(0);
+    T* o = out + static_cast<int64_t>(r) * dv;
+    for (int c = 0; c < dv; ++c) o[c] = nr[c] * inv;
+    den[r] = z;
+  }
+}
+
+// P = poly(S) in place over an n x n block, zero above the diagonal (causal).
+template <typename T>
+void causal_poly(T* s, int n) {
+  for (int i = 0; i < n; ++i) {
+    T* row = s + static_cast<int64_t>(i) * n;
+    for (int j = 0; j <= i; ++j) row[j] = poly(row[j]);
+    std::fill(row + i + 1, row + n, T(0));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward for one (b, h). state (M x (Dv+1)) is read as the initial state when `has_state` and always
+// holds the final state on return when `want_state` (causal only).
+template <typename T>
+void forward_one(const T* q, const T* k, const T* v, const bool* pad, T* out, T* den, const Shape& s, bool causal,
+                 double scale, const Plan& plan, T* state, bool has_state, bool want_state) {
+  const int d = static_cast<int>(s.d), dv = static_cast<int>(s.dv), dv1 = dv + 1;
+  const FeatureMap<T> fm(d, scale);
+  const int m = fm.m;
+  const T tscale = static_cast<T>(scale);
+  const int lq = static_cast<int>(s.lq), lk = static_cast<int>(s.lk);
+
+  if (!causal && plan.quadratic) {
+    const int c = std::min(plan.chunk, lq);
+    std::vector<T> vaug(static_cast<size_t>(lk) * dv1), sblk(static_cast<size_t>(c) * lk),
+        num(static_cast<size_t>(c) * dv1);
+    build_value_aug(v, pad, lk, dv, vaug.data());
+    for (int r0 = 0; r0 < lq; r0 += c) {
+      const int n = std::min(c, lq - r0);
+      gemm<T>(false, true, n, lk, d, tscale, q + static_cast<int64_t>(r0) * d, d, k, d, T(0), sblk.data(), lk);
+      for (int64_t i = 0; i < static_cast<int64_t>(n) * lk; ++i) sblk[i] = poly(sblk[i]);
+      gemm<T>(false, false, n, dv1, lk, T(1), sblk.data(), lk, vaug.data(), dv1, T(0), num.data(), dv1);
+      normalize_rows(num.data(), n, dv, out + static_cast<int64_t>(r0) * dv, den + r0);
+    }
+    return;
+  }
+
+  const int c = causal ? plan.chunk : std::min<int>(plan.chunk, std::max(lq, lk));
+  std::vector<T> phi(static_cast<size_t>(c) * m), vaug(static_cast<size_t>(c) * dv1),
+      num(static_cast<size_t>(c) * dv1), sblk(causal ? static_cast<size_t>(c) * c : 0);
+  std::vector<T> local_state;
+  T* st = state;
+  if (st == nullptr) {
+    local_state.assign(static_cast<size_t>(m) * dv1, T(0));
+    st = local_state.data();
+  } else if (!has_state) {
+    std::fill(st, st + static_cast<int64_t>(m) * dv1, T(0));
+  }
+
+  if (!causal) {
+    for (int r0 = 0; r0 < lk; r0 += c) {  // state over all keys
+      const int n = std::min(c, lk - r0);
+      fm.build(k + static_cast<int64_t>(r0) * d, n, phi.data());
+      build_value_aug(v + static_cast<int64_t>(r0) * dv, pad ? pad + r0 : nullptr, n, dv, vaug.data());
+      gemm<T>(true, false, m, dv1, n, T(1), phi.data(), m, vaug.data(), dv1, T(1), st, dv1);
+    }
+    for (int r0 = 0; r0 < lq; r0 += c) {
+      const int n = std::min(c, lq - r0);
+      fm.build(q + static_cast<int64_t>(r0) * d, n, phi.data());
+      gemm<T>(false, false, n, dv1, m, T(1), phi.data(), m, st, dv1, T(0), num.data(), dv1);
+      normalize_rows(num.data(), n, dv, out + static_cast<int64_t>(r0) * dv, den + r0);
+    }
+    return;
+  }
+
+  bool state_nonzero = has_state;
+  for (int r0 = 0; r0 < lq; r0 += c) {
+    const int n = std::min(c, lq - r0);
+    const T* qc = q + static_cast<int64_t>(r0) * d;
+    const T* kc = k + static_cast<int64_t>(r0) * d;
+    build_value_aug(v + static_cast<int64_t>(r0) * dv, pad ? pad + r0 : nullptr, n, dv, vaug.data());
+    T beta = T(0);
+    if (state_nonzero) {  // inter-chunk: phi(Q_c) S_aug
+      fm.build(qc, n, phi.data());
+      gemm<T>(false, false, n, dv1, m, T(1), phi.data(), m, st, dv1, T(0), num.data(), dv1);
+      beta = T(1);
+    }
+    gemm<T>(false, true, n, n, d, tscale, qc, d, kc, d, T(0), sblk.data(), n);  // intra-chunk
+    causal_poly(sblk.data(), n);
+    gemm<T>(false, false, n, dv1, n, T(1), sblk.data(), n, vaug.data(), dv1, beta, num.data(), dv1);
+    normalize_rows(num.data(), n, dv, out + static_cast<int64_t>(r0) * dv, den + r0);
+    if (r0 + n < lq || want_state) {  // S_aug += phi(K_c)^T [V_c | 1]
+      fm.build(kc, n, phi.data());
+      gemm<T>(true, false, m, dv1, n, T(1), phi.data(), m, vaug.data(), dv1, T(1), st, dv1);
+      state_nonzero = true;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward for one (b, h): dq, dk, dv (zero-initialised by the caller).
+template <typename T>
+void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pad, const T* out, const T* den,
+                  T* dq, T* dk, T* dv_out, const Shape& s, bool causal, double scale, const Plan& plan) {
+  const int d = static_cast<int>(s.d), dv = static_cast<int>(s.dv), dv1 = dv + 1;
+  const FeatureMap<T> fm(d, scale);
+  const int m = fm.m;
+  const T tscale = static_cast<T>(scale);
+  const int lq = static_cast<int>(s.lq), lk = static_cast<int>(s.lk);
+
+  // G = [dO / Z | -dO.out / Z] for every query (an L x (Dv+1) buffer, the size of the output).
+  std::vector<T> gaug(static_cast<size_t>(lq) * dv1);
+  for (int i = 0; i < lq; ++i) {
+    const T z = den[i];
+    const T inv = z != T(0) ? T(1) / z : T(0);
+    const T* gi = g + static_cast<int64_t>(i) * dv;
+    const T* oi = out + static_cast<int64_t>(i) * dv;
+    T* gr = gaug.data() + static_cast<int64_t>(i) * dv1;
+    T delta = T(0);
+    for (int c = 0; c < dv; ++c) {
+      gr[c] = gi[c] * inv;
+      delta += gr[c] * oi[c];
+    }
+    gr[dv] = -delta;
+  }
+
+  if (!causal && plan.quadratic) {
+    const int c = std::min(plan.chunk, lq);
+    std::vector<T> vaug(static_cast<size_t>(lk) * dv1), sblk(static_cast<size_t>(c) * lk),
+        dp(static_cast<size_t>(c) * lk);
+    build_value_aug(v, pad, lk, dv, vaug.data());
+    for (int r0 = 0; r0 < lq; r0 += c) {
+      const int n = std::min(c, lq - r0);
+      const T* qc = q + static_cast<int64_t>(r0) * d;
+      const T* gc = gaug.data() + static_cast<int64_t>(r0) * dv1;
+      gemm<T>(false, true, n, lk, d, tscale, qc, d, k, d, T(0), sblk.data(), lk);
+      gemm<T>(false, true, n, lk, dv1, T(1), gc, dv1, vaug.data(), dv1, T(0), dp.data(), lk);
+      for (int64_t i = 0; i < static_cast<int64_t>(n) * lk; ++i) {
+        dp[i] *= T(1) + sblk[i];  // dS
+        sblk[i] = poly(sblk[i]);  // P
+      }
+      gemm<T>(false, false, n, d, lk, tscale, dp.data(), lk, k, d, T(0), dq + static_cast<int64_t>(r0) * d, d);
+      gemm<T>(true, false, lk, d, n, tscale, dp.data(), lk, qc, d, T(1), dk, d);
+      gemm<T>(true, false, lk, dv, n, T(1), sblk.data(), lk, gc, dv1, T(1), dv_out, dv);
+    }
+  } else if (!causal) {
+    const int c = std::min<int>(plan.chunk, std::max(lq, lk));
+    std::vector<T> phi(static_cast<size_t>(c) * m), vaug(static_cast<size_t>(c) * dv1),
+        u(static_cast<size_t>(c) * m), saug(static_cast<size_t>(m) * dv1, T(0)), raug(static_cast<size_t>(m) * dv1, T(0));
+    for (int r0 = 0; r0 < lk; r0 += c) {  // S_aug over keys
+      const int n = std::min(c, lk - r0);
+      fm.build(k + static_cast<int64_t>(r0) * d, n, phi.data());
+      build_value_aug(v + static_cast<int64_t>(r0) * dv, pad ? pad + r0 : nullptr, n, dv, vaug.data());
+      gemm<T>(true, false, m, dv1, n, T(1), phi.data(), m, vaug.data(), dv1, T(1), saug.data(), dv1);
+    }
+    for (int r0 = 0; r0 < lq; r0 += c) {  // dq, and R_aug over queries
+      const int n = std::min(c, lq - r0);
+      const T* qc = q + static_cast<int64_t>(r0) * d;
+      const T* gc = gaug.data() + static_cast<int64_t>(r0) * dv1;
+      fm.build(qc, n, phi.data());
+      gemm<T>(false, true, n, m, dv1, T(1), gc, dv1, saug.data(), dv1, T(0), u.data(), m);
+      fm.backprop(qc, u.data(), n, dq + static_cast<int64_t>(r0) * d);
+      gemm<T>(true, false, m, dv1, n, T(1), phi.data(), m, gc, dv1, T(1), raug.data(), dv1);
+    }
+    for (int r0 = 0; r0 < lk; r0 += c) {  // dk, dv
+      const int n = std::min(c, lk - r0);
+      const T* kc = k + static_cast<int64_t>(r0) * d;
+      fm.build(kc, n, phi.data());
+      build_value_aug(v + static_cast<int64_t>(r0) * dv, pad ? pad + r0 : nullptr, n, dv, vaug.data());
+      gemm<T>(false, false, n, dv, m, T(1), phi.data(), m, raug.data(), dv1, T(0), dv_out + static_cast<int64_t>(r0) * dv, dv);
+      gemm<T>(false, true, n, m, dv1, T(1), vaug.data(), dv1, raug.data(), dv1, T(0), u.data(), m);
+      fm.backprop(kc, u.data(), n, dk + static_cast<int64_t>(r0) * d);
+    }
+  } else {
+    const int c = plan.chunk;
+    std::vector<T> phi(static_cast<size_t>(c) * m), vaug(static_cast<size_t>(c) * dv1), u(static_cast<size_t>(c) * m),
+        sblk(static_cast<size_t>(c) * c), dp(static_cast<size_t>(c) * c), aug(static_cast<size_t>(m) * dv1, T(0));
+    // Pass 1, forward over chunks: intra-chunk gradients and dq's inter-chunk part (S_aug prefix in `aug`).
+    for (int r0 = 0; r0 < lq; r0 += c) {
+      const int n = std::min(c, lq - r0);
+      const T* qc = q + static_cast<int64_t>(r0) * d;
+      const T* kc = k + static_cast<int64_t>(r0) * d;
+      const T* gc = gaug.data() + static_cast<int64_t>(r0) * dv1;
+      T* dqc = dq + static_cast<int64_t>(r0) * d;
+      build_value_aug(v + static_cast<int64_t>(r0) * dv, pad ? pad + r0 : nullptr, n, dv, vaug.data());
+      if (r0 > 0) {
+        gemm<T>(false, true, n, m, dv1, T(1), gc, dv1, aug.data(), dv1, T(0), u.data(), m);
+        fm.backprop(qc, u.data(), n, dqc);
+      }
+      gemm<T>(false, true, n, n, d, tscale, qc, d, kc, d, T(0), sblk.data(), n);
+      gemm<T>(false, true, n, n, dv1, T(1), gc, dv1, vaug.data(), dv1, T(0), dp.data(), n);
+      for (int i = 0; i < n; ++i) {
+        T* srow = sblk.data() + static_cast<int64_t>(i) * n;
+        T* drow = dp.data() + static_cast<int64_t>(i) * n;
+        for (int j = 0; j <= i; ++j) {
+          drow[j] *= T(1) + srow[j];
+          srow[j] = poly(srow[j]);
+        }
+        std::fill(srow + i + 1, srow + n, T(0));
+        std::fill(drow + i + 1, drow + n, T(0));
+      }
+      gemm<T>(false, false, n, d, n, tscale, dp.data(), n, kc, d, T(1), dqc, d);
+      gemm<T>(true, false, n, d, n, tscale, dp.data(), n, qc, d, T(1), dk + static_cast<int64_t>(r0) * d, d);
+      gemm<T>(true, false, n, dv, n, T(1), sblk.data(), n, gc, dv1, T(1), dv_out + static_cast<int64_t>(r0) * dv, dv);
+      if (r0 + n < lq) {
+        fm.build(kc, n, phi.data());
+        gemm<T>(true, false, m, dv1, n, T(1), phi.data(), m, vaug.data(), dv1, T(1), aug.data(), dv1);
+      }
+    }
+    // Pass 2, backward over chunks: dk's and dv's inter-chunk parts (R_aug suffix in `aug`).
+    std::fill(aug.begin(), aug.end(), T(0));
+    const int last = ((lq - 1) / c) * c;
+    for (int r0 = last; r0 >= 0; r0 -= c) {
+      const int n = std::min(c, lq - r0);
+      const T* qc = q + static_cast<int64_t>(r0) * d;
+      const T* kc = k + static_cast<int64_t>(r0) * d;
+      if (r0 < last) {
+        fm.build(kc, n, phi.data());
+        build_value_aug(v + static_cast<int64_t>(r0) * dv, pad ? pad + r0 : nullptr, n, dv, vaug.data());
+        gemm<T>(false, false, n, dv, m, T(1), phi.data(), m, aug.data(), dv1, T(1), dv_out + static_cast<int64_t>(r0) * dv, dv);
+        gemm<T>(false, true, n, m, dv1, T(1), vaug.data(), dv1, aug.data(), dv1, T(0), u.data(), m);
+        fm.backprop(kc, u.data(), n, dk + static_cast<int64_t>(r0) * d);
+      }
+      if (r0 > 0) {
+        fm.build(qc, n, phi.data());
+        gemm<T>(true, false, m, dv1, n, T(1), phi.data(), m, gaug.data() + static_cast<int64_t>(r0) * dv1, dv1, T(1),
+                aug.data(), dv1);
+      }
+    }
+  }
+  if (pad != nullptr) {  // padded keys get no gradient
+    for (int j = 0; j < lk; ++j) {
+      if (!pad[j]) continue;
+      std::fill(dk + static_cast<int64_t>(j) * d, dk + static_cast<int64_t>(j + 1) * d, T(0));
+      std::fill(dv_out + static_cast<int64_t>(j) * dv, dv_out + static_cast<int64_t>(j + 1) * dv, T(0));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Argument checks (the Python API checks first; these protect direct torch.ops callers).
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
+               bool causal) {
+  TORCH_CHECK(q.dim() == 4, "q must have shape [B, H, Lq, D], got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, "k must have shape [B, H, Lk, D], got ", k.sizes());
+  TORCH_CHECK(v.dim() == 4, "v must have shape [B, H, Lk, Dv], got ", v.sizes());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "q, k, v must be CPU tensors");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              "q must be float16, bfloat16, float32 or float64, got ", dt);
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "k and v must have q's dtype ", dt);
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
+              "k must have shape [B, H, Lk, D] matching q ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.size(0) == q.size(0) && v.size(1) == q.size(1) && v.size(2) == k.size(2),
+              "v must have shape [B, H, Lk, Dv] matching k ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim, "q/k feature dim D must be in [1, ", kMaxHeadDim, "], got ",
+              q.size(3));
+  TORCH_CHECK(v.size(3) <= kMaxValueDim, "value dim Dv must be <= ", kMaxValueDim, ", got ", v.size(3));
+  TORCH_CHECK(!causal || q.size(2) == k.size(2), "causal attention needs Lq == Lk, got ", q.size(2), " and ",
+              k.size(2));
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool, "key_padding_mask must be bool (True = padding), got ",
+                mask->scalar_type());
+    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == q.size(0) && mask->size(1) == k.size(2),
+                "key_padding_mask must have shape [B, Lk] = [", q.size(0), ", ", k.size(2), "], got ", mask->sizes());
+    TORCH_CHECK(mask->device().is_cpu(), "key_padding_mask must be a CPU tensor");
+  }
+}
+
+Shape shape_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  return {q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
+}
+
+// Runs fn(bh) over all B*H pairs in parallel.
+template <typename F>
+void for_each_head(const Shape& s, F fn) {
+  at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) fn(bh);
+  });
+}
+
+const bool* mask_ptr(const at::Tensor& mask, int64_t b, int64_t lk) {
+  return mask.defined() ? mask.data_ptr<bool>() + b * lk : nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> taylor_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                 const at::Tensor& v_in, const c10::optional<at::Tensor>& mask_in,
+                                                 bool causal, double scale) {
+  check_qkv(q_in, k_in, v_in, mask_in, causal);
+  const auto acc = acc_type(q_in.scalar_type());
+  const at::Tensor q = q_in.to(acc).contiguous(), k = k_in.to(acc).contiguous(), v = v_in.to(acc).contiguous();
+  const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
+  const Shape s = shape_of(q, k, v);
+  at::Tensor out = at::empty({s.batch, s.heads, s.lq, s.dv}, q.options());
+  at::Tensor den = at::empty({s.batch, s.heads, s.lq}, q.options());
+  if (out.numel() > 0) {
+    const Plan plan = make_plan(s, causal);
+    AT_DISPATCH_FLOATING_TYPES(acc, "taylor_fwd_cpu", [&] {
+      for_each_head(s, [&](int64_t bh) {
+        const int64_t b = bh / s.heads;
+        forward_one<scalar_t>(q.data_ptr<scalar_t>() + bh * s.lq * s.d, k.data_ptr<scalar_t>() + bh * s.lk * s.d,
+                              v.data_ptr<scalar_t>() + bh * s.lk * s.dv, mask_ptr(mask, b, s.lk),
+                              out.data_ptr<scalar_t>() + bh * s.lq * s.dv, den.data_ptr<scalar_t>() + bh * s.lq, s,
+                              causal, scale, plan, nullptr, false, false);
+      });
+    });
+  }
+  return {out.to(q_in.scalar_type()), den};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q_in,
+                                                              const at::Tensor& k_in, const at::Tensor& v_in,
+                                                              const c10::optional<at::Tensor>& mask_in,
+                                                              const at::Tensor& out_in, const at::Tensor& den_in,
+                                                              bool causal, double scale) {
+  check_qkv(q_in, k_in, v_in, mask_in, causal);
+  const auto acc = acc_type(q_in.scalar_type());
+  const at::Tensor q = q_in.to(acc).contiguous(), k = k_in.to(acc).contiguous(), v = v_in.to(acc).contiguous();
+  const Shape s = shape_of(q, k, v);
+  TORCH_CHECK(grad_out.sizes() == out_in.sizes() && out_in.dim() == 4 && out_in.size(0) == s.batch &&
+                  out_in.size(1) == s.heads && out_in.size(2) == s.lq && out_in.size(3) == s.dv,
+              "grad_out and out must have shape [B, H, Lq, Dv], got ", grad_out.sizes(), " and ", out_in.sizes());
+  TORCH_CHECK(den_in.dim() == 3 && den_in.size(0) == s.batch && den_in.size(1) == s.heads && den_in.size(2) == s.lq,
+              "den must have shape [B, H, Lq], got ", den_in.sizes());
+  const at::Tensor g = grad_out.to(acc).contiguous(), out = out_in.to(acc).contiguous(),
+                   den = den_in.to(acc).contiguous();
+  const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
+  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  if (q.numel() > 0 && k.numel() > 0 && out.numel() > 0) {
+    const Plan plan = make_plan(s, causal);
+    AT_DISPATCH_FLOATING_TYPES(acc, "taylor_bwd_cpu", [&] {
+      for_each_head(s, [&](int64_t bh) {
+        const int64_t b = bh / s.heads;
+        backward_one<scalar_t>(g.data_ptr<scalar_t>() + bh * s.lq * s.dv, q.data_ptr<scalar_t>() + bh * s.lq * s.d,
+                               k.data_ptr<scalar_t>() + bh * s.lk * s.d, v.data_ptr<scalar_t>() + bh * s.lk * s.dv,
+                               mask_ptr(mask, b, s.lk), out.data_ptr<scalar_t>() + bh * s.lq * s.dv,
+                               den.data_ptr<scalar_t>() + bh * s.lq, dq.data_ptr<scalar_t>() + bh * s.lq * s.d,
+                               dk.data_ptr<scalar_t>() + bh * s.lk * s.d, dv.data_ptr<scalar_t>() + bh * s.lk * s.dv,
+                               s, causal, scale, plan);
+      });
+    });
+  }
+  const auto dt = q_in.scalar_type();
+  return {dq.to(dt), dk.to(dt), dv.to(dt)};
+}
+
+void check_state(const at::Tensor& kv, const at::Tensor& k_sum, int64_t b, int64_t h, int64_t m, int64_t dv) {
+  TORCH_CHECK(kv.dim() == 4 && kv.size(0) == b && kv.size(1) == h && kv.size(2) == m && kv.size(3) == dv,
+              "kv must have shape [B, H, M, Dv] = [", b, ", ", h, ", ", m, ", ", dv, "], got ", kv.sizes());
+  TORCH_CHECK(k_sum.dim() == 3 && k_sum.size(0) == b && k_sum.size(1) == h && k_sum.size(2) == m,
+              "k_sum must have shape [B, H, M] = [", b, ", ", h, ", ", m, "], got ", k_sum.sizes());
+  TORCH_CHECK(kv.scalar_type() == k_sum.scalar_type() &&
+                  (kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kDouble),
+              "kv and k_sum must both be float32 or both float64");
+  TORCH_CHECK(kv.device().is_cpu() && k_sum.device().is_cpu(), "kv and k_sum must be CPU tensors");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_prefill_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                                  const at::Tensor& v_in,
+                                                                  const c10::optional<at::Tensor>& mask_in,
+                                                                  const c10::optional<at::Tensor>& kv_in,
+                                                                  const c10::optional<at::Tensor>& k_sum_in,
+                                                                  double scale) {
+  check_qkv(q_in, k_in, v_in, mask_in, true);
+  TORCH_CHECK(kv_in.has_value() == k_sum_in.has_value(), "kv and k_sum must be given together");
+  const int64_t d = q_in.size(3), m = 1 + d + d * (d + 1) / 2;
+  const Shape s = shape_of(q_in, k_in, v_in);
+  at::ScalarType acc = acc_type(q_in.scalar_type());
+  if (kv_in.has_value()) {
+    check_state(*kv_in, *k_sum_in, s.batch, s.heads, m, s.dv);
+    acc = kv_in->scalar_type();
+  }
+  const at::Tensor q = q_in.to(acc).contiguous(), k = k_in.to(acc).contiguous(), v = v_in.to(acc).contiguous();
+  const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
+  // The state travels as one [B, H, M, Dv+1] buffer: kv in the first Dv columns, k_sum in the last.
+  at::Tensor state_aug = kv_in.has_value() ? at::cat({*kv_in, k_sum_in->unsqueeze(-1)}, -1).contiguous()
+                                           : at::empty({s.batch, s.heads, m, s.dv + 1}, q.options());
+  at::Tensor out = at::empty({s.batch, s.heads, s.lq, s.dv}, q.options());
+  at::Tensor den = at::empty({s.batch, s.heads, s.lq}, q.options());
+  const bool has_state = kv_in.has_value();
+  if (s.lq == 0 && !has_state) state_aug.zero_();
+  if (s.batch * s.heads > 0 && s.lq > 0) {
+    Plan plan = make_plan(s, true);
+    plan.quadratic = false;
+    plan.chunk = std::min<int>(plan.chunk, static_cast<int>(s.lq));
+    AT_DISPATCH_FLOATING_TYPES(acc, "taylor_prefill_cpu", [&] {
+      for_each_head(s, [&](int64_t bh) {
+        const int64_t b = bh / s.heads;
+        forward_one<scalar_t>(q.data_ptr<scalar_t>() + bh * s.lq * s.d, k.data_ptr<scalar_t>() + bh * s.lk * s.d,
+                              v.data_ptr<scalar_t>() + bh * s.lk * s.dv, mask_ptr(mask, b, s.lk),
+                              out.data_ptr<scalar_t>() + bh * s.lq * s.dv, den.data_ptr<scalar_t>() + bh * s.lq, s,
+                              true, scale, plan, state_aug.data_ptr<scalar_t>() + bh * m * (s.dv + 1), has_state,
+                              true);
+      });
+    });
+  }
+  at::Tensor kv = state_aug.narrow(-1, 0, s.dv).contiguous();
+  at::Tensor k_sum = state_aug.select(-1, s.dv).contiguous();
+  return {out.to(q_in.scalar_type()), kv, k_sum};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_step_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                               const at::Tensor& v_in, const at::Tensor& kv_in,
+                                                               const at::Tensor& k_sum_in, double scale) {
+  TORCH_CHECK(q_in.dim() == 3 && k_in.dim() == 3 && v_in.dim() == 3,
+              "q, k must have shape [B, H, D] and v [B, H, Dv], got ", q_in.sizes(), ", ", k_in.sizes(), ", ",
+              v_in.sizes());
+  TORCH_CHECK(k_in.sizes() == q_in.sizes(), "k must have q's shape ", q_in.sizes(), ", got ", k_in.sizes());
+  TORCH_CHECK(v_in.size(0) == q_in.size(0) && v_in.size(1) == q_in.size(1), "v must have shape [B, H, Dv]");
+  TORCH_CHECK(q_in.device().is_cpu() && k_in.device().is_cpu() && v_in.device().is_cpu(),
+              "q, k, v must be CPU tensors");
+  const int64_t b = q_in.size(0), h = q_in.size(1), d = q_in.size(2), dv = v_in.size(2);
+  TORCH_CHECK(d >= 1 && d <= kMaxHeadDim, "q/k feature dim D must be in [1, ", kMaxHeadDim, "], got ", d);
+  TORCH_CHECK(dv <= kMaxValueDim, "value dim Dv must be <= ", kMaxValueDim, ", got ", dv);
+  const int64_t m = 1 + d + d * (d + 1) / 2;
+  check_state(kv_in, k_sum_in, b, h, m, dv);
+  const auto acc = kv_in.scalar_type();
+  const at::Tensor q = q_in.to(acc).contiguous(), k = k_in.to(acc).contiguous(), v = v_in.to(acc).contiguous();
+  const at::Tensor kv = kv_in.contiguous(), k_sum = k_sum_in.contiguous();
+  at::Tensor kv_out = at::empty_like(kv), k_sum_out = at::empty_like(k_sum);
+  at::Tensor out = at::empty({b, h, dv}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "taylor_step_cpu", [&] {
+    at::parallel_for(0, b * h, 16, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> fq(m), fk(m);
+      const FeatureMap<scalar_t> fm(static_cast<int>(d), scale);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        fm.build(q.data_ptr<scalar_t>() + bh * d, 1, fq.data());
+        fm.build(k.data_ptr<scalar_t>() + bh * d, 1, fk.data());
+        const scalar_t* vr = v.data_ptr<scalar_t>() + bh * dv;
+        const scalar_t* s_old = kv.data_ptr<scalar_t>() + bh * m * dv;
+        scalar_t* s_new = kv_out.data_ptr<scalar_t>() + bh * m * dv;
+        const scalar_t* z_old = k_sum.data_ptr<scalar_t>() + bh * m;
+        scalar_t* z_new = k_sum_out.data_ptr<scalar_t>() + bh * m;
+        scalar_t* o = out.data_ptr<scalar_t>() + bh * dv;
+        std::fill(o, o + dv, scalar_t(0));
+        scalar_t z = 0;
+        for (int64_t f = 0; f < m; ++f) {  // one pass: read the old row, write the new one, accumulate out
+          const scalar_t* src = s_old + f * dv;
+          scalar_t* dst = s_new + f * dv;
+          const scalar_t a = fk[f], w = fq[f];
+          for (int64_t c = 0; c < dv; ++c) {
+            const scalar_t val = src[c] + a * vr[c];
+            dst[c] = val;
+            o[c] += w * val;
+          }
+          z_new[f] = z_old[f] + a;
+          z += w * z_new[f];
+        }
+        const scalar_t inv = z != scalar_t(0) ? scalar_t(1) / z : scalar_t(0);
+        for (int64_t c = 0; c < dv; ++c) o[c] *= inv;
+      }
+    });
+  });
+  return {out.to(q_in.scalar_type()), kv_out, k_sum_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(linattn_cuda, CPU, m) {
+  m.impl("taylor_fwd", &taylor_fwd_cpu);
+  m.impl("taylor_bwd", &taylor_bwd_cpu);
+  m.impl("taylor_prefill", &taylor_prefill_cpu);
+  m.impl("taylor_step", &taylor_step_cpu);
+}
+
+}  // namespace linattn_cuda
