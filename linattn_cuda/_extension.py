@@ -17,6 +17,14 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 
 OPS = ("taylor_fwd", "taylor_bwd", "taylor_prefill", "taylor_step")
 
+# Which ops have kernels for which dispatch key, read once after the import above registered them
+# (a plain dict, so that backend selection stays traceable by torch.compile).
+_KERNELS = {
+    (key, op): EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"linattn_cuda::{op}", key)
+    for key in ("CPU", "CUDA")
+    for op in OPS
+}
+
 
 def extension_loaded() -> bool:
     return EXTENSION_ERROR is None
@@ -24,9 +32,7 @@ def extension_loaded() -> bool:
 
 def has_kernel(dispatch_key: str, op: str = "taylor_fwd") -> bool:
     """Whether ``linattn_cuda::op`` has a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
-    if not extension_loaded():
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"linattn_cuda::{op}", dispatch_key)
+    return _KERNELS.get((dispatch_key, op), False)
 
 
 def require_extension() -> None:

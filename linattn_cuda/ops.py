@@ -21,6 +21,7 @@ def _fwd_fake(q, k, v, key_padding_mask, causal, scale):
 
 
 def _bwd_fake(grad_out, q, k, v, key_padding_mask, out, den, causal, scale):
+    # gradients take the layout of their inputs (as empty_like does)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -33,7 +34,7 @@ def _prefill_fake(q, k, v, key_padding_mask, kv, k_sum, scale):
 
 
 def _step_fake(q, k, v, kv, k_sum, scale):
-    return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), torch.empty_like(kv), torch.empty_like(k_sum)
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), kv.new_empty(kv.shape), k_sum.new_empty(k_sum.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,8 +1,12 @@
 """Shared test setup. Triton kernels run on CPU tensors through the interpreter when there is no GPU; the
 variable must be set before triton is first imported, hence here."""
 import os
+import tempfile
 
 import torch
+
+# A fresh inductor cache per run: compiled graphs must reflect the current fake kernels.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="linattn-inductor-"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

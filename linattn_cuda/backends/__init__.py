@@ -57,7 +57,12 @@ def resolve_backend(name: str, q: torch.Tensor, *, causal: bool, kind: str = "at
         from .auto import choose_backend
 
         name = choose_backend(q, causal=causal, kind=kind)
-    reason = unavailable_reason(name, q.device) if name in _FACTORIES else "unknown"
+    if name not in _FACTORIES:
+        raise ValueError(
+            f"unknown backend {name!r}; known backends: {backend_names()}, "
+            f"available for {q.device.type} tensors: {available_backends(q.device)} (or 'auto')"
+        )
+    reason = unavailable_reason(name, q.device)
     if reason is not None:
         raise ValueError(
             f"backend {name!r} is not available for {q.device.type} tensors ({reason}); "
