@@ -9,9 +9,36 @@ Environment switches (all optional):
 """
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import find_packages, setup
+
+
+def _has_cudart(root: str) -> bool:
+    return any(glob.glob(os.path.join(root, sub, "libcudart.so*")) for sub in ("lib64", "lib", "targets/*/lib"))
+
+
+def _locate_cuda_home() -> None:
+    """Point CUDA_HOME at a real toolkit before torch guesses it.
+
+    torch guesses the folder above the first `nvcc` on the PATH; when that `nvcc` is a wrapper script
+    (e.g. /usr/local/bin/nvcc) the guess has no libcudart and linking fails. Look at the usual places too.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for root in candidates:
+        if os.path.exists(os.path.join(root, "bin", "nvcc")) and _has_cudart(root):
+            os.environ["CUDA_HOME"] = root
+            return
+
+
+_locate_cuda_home()
 
 try:
     import torch

@@ -69,6 +69,17 @@ def test_cpu_lower_precision(dtype, causal, form):
     _check((2, 2, 130, 130, 16, 64), causal, "random", dtype)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_cpu_value_columns_split_across_threads(causal, form):
+    """With fewer heads than threads the forward splits the value columns between tasks."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        _check((1, 1, 300, 300, 16, 70), causal, "random", torch.float64)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_cpu_long_causal_sequence_uses_chunks():
     _check((1, 2, 1100, 1100, 16, 64), True, "random", torch.float32)
 

@@ -96,7 +96,9 @@ void gemm(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, c
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// The symmetric feature map and its Jacobian-transpose product.
+// The symmetric feature map and its Jacobian-transpose product, in a "feature-major" layout: a chunk of n
+// rows is held transposed (x^T: D x n, phi^T: M x n) so that every feature is one contiguous, vectorizable
+// loop over the rows, whatever D is.
 template <typename T>
 struct FeatureMap {
   int d;
@@ -109,42 +111,65 @@ struct FeatureMap {
         c2(static_cast<T>(scale / std::sqrt(2.0))),
         c3(static_cast<T>(scale)) {}
 
-  // phi of n rows of x ([n x d], row stride d) into out ([n x m]).
-  void build(const T* x, int n, T* out) const {
-    for (int r = 0; r < n; ++r) {
-      const T* xr = x + static_cast<int64_t>(r) * d;
-      T* o = out + static_cast<int64_t>(r) * m;
-      o[0] = T(1);
-      for (int a = 0; a < d; ++a) {
-        o[1 + a] = c1 * xr[a];
-        o[1 + d + a] = c2 * xr[a] * xr[a];
+  // x^T (d x n) of n rows of x ([n x d], row stride d).
+  void transpose_in(const T* x, int n, T* xt) const {
+    for (int r = 0; r < n; ++r)
+      for (int a = 0; a < d; ++a) xt[static_cast<int64_t>(a) * n + r] = x[static_cast<int64_t>(r) * d + a];
+  }
+
+  // x^T into xt and phi^T into phit, from n rows of x.
+  void features(const T* x, int n, T* xt, T* phit) const {
+    transpose_in(x, n, xt);
+    build(xt, n, phit);
+  }
+
+  // phi^T (m x n) from x^T (d x n).
+  void build(const T* xt, int n, T* phit) const {
+    std::fill(phit, phit + n, T(1));
+    for (int a = 0; a < d; ++a) {
+      const T* xa = xt + static_cast<int64_t>(a) * n;
+      T* lin = phit + static_cast<int64_t>(1 + a) * n;
+      T* sq = phit + static_cast<int64_t>(1 + d + a) * n;
+      for (int r = 0; r < n; ++r) {
+        lin[r] = c1 * xa[r];
+        sq[r] = c2 * xa[r] * xa[r];
       }
-      T* cross = o + 1 + 2 * d;
-      for (int a = 0; a < d; ++a) {
-        const T xa = c3 * xr[a];
-        for (int b = a + 1; b < d; ++b) *cross++ = xa * xr[b];
+    }
+    T* cross = phit + static_cast<int64_t>(1 + 2 * d) * n;
+    for (int a = 0; a < d; ++a) {
+      const T* xa = xt + static_cast<int64_t>(a) * n;
+      for (int b = a + 1; b < d; ++b, cross += n) {
+        const T* xb = xt + static_cast<int64_t>(b) * n;
+        for (int r = 0; r < n; ++r) cross[r] = c3 * xa[r] * xb[r];
       }
     }
   }
 
-  // grad[r] += J_phi(x_r)^T u_r for n rows (u: [n x m]).
-  void backprop(const T* x, const T* u, int n, T* grad) const {
-    for (int r = 0; r < n; ++r) {
-      const T* xr = x + static_cast<int64_t>(r) * d;
-      const T* ur = u + static_cast<int64_t>(r) * m;
-      T* g = grad + static_cast<int64_t>(r) * d;
-      for (int a = 0; a < d; ++a) g[a] += c1 * ur[1 + a] + T(2) * c2 * xr[a] * ur[1 + d + a];
-      const T* cross = ur + 1 + 2 * d;
-      for (int a = 0; a < d; ++a) {
-        T acc = T(0);
-        const T xa = c3 * xr[a];
-        for (int b = a + 1; b < d; ++b, ++cross) {
-          acc += c3 * xr[b] * (*cross);
-          g[b] += xa * (*cross);
+  // grad[r] += (J_phi(x_r)^T u_r) for n rows; x^T (d x n), u^T (m x n), grad row-major [n x d];
+  // gt is a d x n scratch.
+  void backprop(const T* xt, const T* ut, int n, T* gt, T* grad) const {
+    for (int a = 0; a < d; ++a) {
+      const T* xa = xt + static_cast<int64_t>(a) * n;
+      const T* ulin = ut + static_cast<int64_t>(1 + a) * n;
+      const T* usq = ut + static_cast<int64_t>(1 + d + a) * n;
+      T* ga = gt + static_cast<int64_t>(a) * n;
+      for (int r = 0; r < n; ++r) ga[r] = c1 * ulin[r] + T(2) * c2 * xa[r] * usq[r];
+    }
+    const T* cross = ut + static_cast<int64_t>(1 + 2 * d) * n;
+    for (int a = 0; a < d; ++a) {
+      const T* xa = xt + static_cast<int64_t>(a) * n;
+      T* ga = gt + static_cast<int64_t>(a) * n;
+      for (int b = a + 1; b < d; ++b, cross += n) {
+        const T* xb = xt + static_cast<int64_t>(b) * n;
+        T* gb = gt + static_cast<int64_t>(b) * n;
+        for (int r = 0; r < n; ++r) {
+          ga[r] += c3 * xb[r] * cross[r];
+          gb[r] += c3 * xa[r] * cross[r];
         }
-        g[a] += acc;
       }
     }
+    for (int r = 0; r < n; ++r)
+      for (int a = 0; a < d; ++a) grad[static_cast<int64_t>(r) * d + a] += gt[static_cast<int64_t>(a) * n + r];
   }
 };
 
@@ -177,7 +202,8 @@ Plan make_plan(const Shape& s, bool causal) {
   const int form = forced_form();
   const int64_t m = 1 + s.d + s.d * (s.d + 1) / 2;
   const int64_t dv1 = s.dv + 1;
-  const int64_t chunk = env_int("LINATTN_CPU_CHUNK", 128);
+  // Chunk lengths measured best on the reference machine (fwd and bwd, D=16, Dv=64, L=4096, one core).
+  const int64_t chunk = env_int("LINATTN_CPU_CHUNK", causal ? 64 : 256);
   if (causal) {
     const int64_t quad_max = env_int("LINATTN_CPU_QUADRATIC_MAX", 256);
     if ((form == 0 && s.lq <= quad_max) || form == 1) return {true, static_cast<int>(std::max<int64_t>(s.lq, 1))};
@@ -195,32 +221,34 @@ inline T poly(T s) {
   return T(1) + s + T(0.5) * s * s;
 }
 
-// [v | 1] for n keys, zero rows for padded keys.
+// [v | 1] for n keys (dv columns of rows ldv apart), zero rows for padded keys.
 template <typename T>
-void build_value_aug(const T* v, const bool* pad, int n, int dv, T* out) {
+void build_value_aug(const T* v, const bool* pad, int n, int dv, T* out, int ldv = -1) {
   const int dv1 = dv + 1;
+  if (ldv < 0) ldv = dv;
   for (int r = 0; r < n; ++r) {
     T* o = out + static_cast<int64_t>(r) * dv1;
     if (pad != nullptr && pad[r]) {
       std::fill(o, o + dv1, T(0));
     } else {
-      std::copy(v + static_cast<int64_t>(r) * dv, v + static_cast<int64_t>(r + 1) * dv, o);
+      std::copy(v + static_cast<int64_t>(r) * ldv, v + static_cast<int64_t>(r) * ldv + dv, o);
       o[dv] = T(1);
     }
   }
 }
 
-// out_r = num_r[:dv] / num_r[dv] (0 when the normalizer is 0); den_r = num_r[dv].
+// out_r = num_r[:dv] / num_r[dv] (0 when the normalizer is 0; out rows ldo apart); den_r = num_r[dv]
+// unless den is null.
 template <typename T>
-void normalize_rows(const T* num, int n, int dv, T* out, T* den) {
+void normalize_rows(const T* num, int n, int dv, T* out, T* den, int ldo) {
   const int dv1 = dv + 1;
   for (int r = 0; r < n; ++r) {
     const T* nr = num + static_cast<int64_t>(r) * dv1;
     const T z = nr[dv];
     const T inv = z != T(0) ? T(1) / z : T(0);
-    T* o = out + static_cast<int64_t>(r) * dv;
+    T* o = out + static_cast<int64_t>(r) * ldo;
     for (int c = 0; c < dv; ++c) o[c] = nr[c] * inv;
-    den[r] = z;
+    if (den != nullptr) den[r] = z;
   }
 }
 
@@ -235,11 +263,13 @@ void causal_poly(T* s, int n) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Forward for one (b, h). state (M x (Dv+1)) is read as the initial state when `has_state` and always
-// holds the final state on return when `want_state` (causal only).
+// Forward for one (b, h) and the value columns [c0, c0 + s.dv) of a value matrix with rows ld apart
+// (v and out point at column c0; ld = s.dv unless the value columns are split across tasks, see
+// taylor_fwd_cpu). den may be null (a task that is not the first of its head). state (M x (Dv+1)) is read as
+// the initial state when `has_state` and holds the final state on return when `want_state` (causal only).
 template <typename T>
 void forward_one(const T* q, const T* k, const T* v, const bool* pad, T* out, T* den, const Shape& s, bool causal,
-                 double scale, const Plan& plan, T* state, bool has_state, bool want_state) {
+                 double scale, const Plan& plan, T* state, bool has_state, bool want_state, int ld) {
   const int d = static_cast<int>(s.d), dv = static_cast<int>(s.dv), dv1 = dv + 1;
   const FeatureMap<T> fm(d, scale);
   const int m = fm.m;
@@ -250,19 +280,19 @@ void forward_one(const T* q, const T* k, const T* v, const bool* pad, T* out, T*
     const int c = std::min(plan.chunk, lq);
     std::vector<T> vaug(static_cast<size_t>(lk) * dv1), sblk(static_cast<size_t>(c) * lk),
         num(static_cast<size_t>(c) * dv1);
-    build_value_aug(v, pad, lk, dv, vaug.data());
+    build_value_aug(v, pad, lk, dv, vaug.data(), ld);
     for (int r0 = 0; r0 < lq; r0 += c) {
       const int n = std::min(c, lq - r0);
       gemm<T>(false, true, n, lk, d, tscale, q + static_cast<int64_t>(r0) * d, d, k, d, T(0), sblk.data(), lk);
       for (int64_t i = 0; i < static_cast<int64_t>(n) * lk; ++i) sblk[i] = poly(sblk[i]);
       gemm<T>(false, false, n, dv1, lk, T(1), sblk.data(), lk, vaug.data(), dv1, T(0), num.data(), dv1);
-      normalize_rows(num.data(), n, dv, out + static_cast<int64_t>(r0) * dv, den + r0);
+      normalize_rows(num.data(), n, dv, out + static_cast<int64_t>(r0) * ld, den ? den + r0 : nullptr, ld);
     }
     return;
   }
 
   const int c = causal ? plan.chunk : std::min<int>(plan.chunk, std::max(lq, lk));
-  std::vector<T> phi(static_cast<size_t>(c) * m), vaug(static_cast<size_t>(c) * dv1),
+  std::vector<T> xt(static_cast<size_t>(c) * d), gt(static_cast<size_t>(c) * d), phi(static_cast<size_t>(c) * m), vaug(static_cast<size_t>(c) * dv1),
       num(static_cast<size_t>(c) * dv1), sblk(causal ? static_cast<size_t>(c) * c : 0);
   std::vector<T> local_state;
   T* st = state;
@@ -276,15 +306,15 @@ void forward_one(const T* q, const T* k, const T* v, const bool* pad, T* out, T*
   if (!causal) {
     for (int r0 = 0; r0 < lk; r0 += c) {  // state over all keys
       const int n = std::min(c, lk - r0);
-      fm.build(k + static_cast<int64_t>(r0) * d, n, phi.data());
-      build_value_aug(v + static_cast<int64_t>(r0) * dv, pad ? pad + r0 : nullptr, n, dv, vaug.data());
-      gemm<T>(true, false, m, dv1, n, T(1), phi.data(), m, vaug.data(), dv1, T(1), st, dv1);
+      fm.features(k + static_cast<int64_t>(r0) * d, n, xt.data(), phi.data());
+      build_value_aug(v + static_cast<int64_t>(r0) * ld, pad ? pad + r0 : nullptr, n, dv, vaug.data(), ld);
+      gemm<T>(false, false, m, dv1, n, T(1), phi.data(), n, vaug.data(), dv1, T(1), st, dv1);
     }
     for (int r0 = 0; r0 < lq; r0 += c) {
       const int n = std::min(c, lq - r0);
-      fm.build(q + static_cast<int64_t>(r0) * d, n, phi.data());
-      gemm<T>(false, false, n, dv1, m, T(1), phi.data(), m, st, dv1, T(0), num.data(), dv1);
-      normalize_rows(num.data(), n, dv, out + static_cast<int64_t>(r0) * dv, den + r0);
+      fm.features(q + static_cast<int64_t>(r0) * d, n, xt.data(), phi.data());
+      gemm<T>(true, false, n, dv1, m, T(1), phi.data(), n, st, dv1, T(0), num.data(), dv1);
+      normalize_rows(num.data(), n, dv, out + static_cast<int64_t>(r0) * ld, den ? den + r0 : nullptr, ld);
     }
     return;
   }
@@ -294,20 +324,20 @@ void forward_one(const T* q, const T* k, const T* v, const bool* pad, T* out, T*
     const int n = std::min(c, lq - r0);
     const T* qc = q + static_cast<int64_t>(r0) * d;
     const T* kc = k + static_cast<int64_t>(r0) * d;
-    build_value_aug(v + static_cast<int64_t>(r0) * dv, pad ? pad + r0 : nullptr, n, dv, vaug.data());
+    build_value_aug(v + static_cast<int64_t>(r0) * ld, pad ? pad + r0 : nullptr, n, dv, vaug.data(), ld);
     T beta = T(0);
     if (state_nonzero) {  // inter-chunk: phi(Q_c) S_aug
-      fm.build(qc, n, phi.data());
-      gemm<T>(false, false, n, dv1, m, T(1), phi.data(), m, st, dv1, T(0), num.data(), dv1);
+      fm.features(qc, n, xt.data(), phi.data());
+      gemm<T>(true, false, n, dv1, m, T(1), phi.data(), n, st, dv1, T(0), num.data(), dv1);
       beta = T(1);
     }
     gemm<T>(false, true, n, n, d, tscale, qc, d, kc, d, T(0), sblk.data(), n);  // intra-chunk
     causal_poly(sblk.data(), n);
     gemm<T>(false, false, n, dv1, n, T(1), sblk.data(), n, vaug.data(), dv1, beta, num.data(), dv1);
-    normalize_rows(num.data(), n, dv, out + static_cast<int64_t>(r0) * dv, den + r0);
+    normalize_rows(num.data(), n, dv, out + static_cast<int64_t>(r0) * ld, den ? den + r0 : nullptr, ld);
     if (r0 + n < lq || want_state) {  // S_aug += phi(K_c)^T [V_c | 1]
-      fm.build(kc, n, phi.data());
-      gemm<T>(true, false, m, dv1, n, T(1), phi.data(), m, vaug.data(), dv1, T(1), st, dv1);
+      fm.features(kc, n, xt.data(), phi.data());
+      gemm<T>(false, false, m, dv1, n, T(1), phi.data(), n, vaug.data(), dv1, T(1), st, dv1);
       state_nonzero = true;
     }
   }
@@ -361,35 +391,35 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
     }
   } else if (!causal) {
     const int c = std::min<int>(plan.chunk, std::max(lq, lk));
-    std::vector<T> phi(static_cast<size_t>(c) * m), vaug(static_cast<size_t>(c) * dv1),
+    std::vector<T> xt(static_cast<size_t>(c) * d), gt(static_cast<size_t>(c) * d), phi(static_cast<size_t>(c) * m), vaug(static_cast<size_t>(c) * dv1),
         u(static_cast<size_t>(c) * m), saug(static_cast<size_t>(m) * dv1, T(0)), raug(static_cast<size_t>(m) * dv1, T(0));
     for (int r0 = 0; r0 < lk; r0 += c) {  // S_aug over keys
       const int n = std::min(c, lk - r0);
-      fm.build(k + static_cast<int64_t>(r0) * d, n, phi.data());
+      fm.features(k + static_cast<int64_t>(r0) * d, n, xt.data(), phi.data());
       build_value_aug(v + static_cast<int64_t>(r0) * dv, pad ? pad + r0 : nullptr, n, dv, vaug.data());
-      gemm<T>(true, false, m, dv1, n, T(1), phi.data(), m, vaug.data(), dv1, T(1), saug.data(), dv1);
+      gemm<T>(false, false, m, dv1, n, T(1), phi.data(), n, vaug.data(), dv1, T(1), saug.data(), dv1);
     }
     for (int r0 = 0; r0 < lq; r0 += c) {  // dq, and R_aug over queries
       const int n = std::min(c, lq - r0);
       const T* qc = q + static_cast<int64_t>(r0) * d;
       const T* gc = gaug.data() + static_cast<int64_t>(r0) * dv1;
-      fm.build(qc, n, phi.data());
-      gemm<T>(false, true, n, m, dv1, T(1), gc, dv1, saug.data(), dv1, T(0), u.data(), m);
-      fm.backprop(qc, u.data(), n, dq + static_cast<int64_t>(r0) * d);
-      gemm<T>(true, false, m, dv1, n, T(1), phi.data(), m, gc, dv1, T(1), raug.data(), dv1);
+      fm.features(qc, n, xt.data(), phi.data());
+      gemm<T>(false, true, m, n, dv1, T(1), saug.data(), dv1, gc, dv1, T(0), u.data(), n);
+      fm.backprop(xt.data(), u.data(), n, gt.data(), dq + static_cast<int64_t>(r0) * d);
+      gemm<T>(false, false, m, dv1, n, T(1), phi.data(), n, gc, dv1, T(1), raug.data(), dv1);
     }
     for (int r0 = 0; r0 < lk; r0 += c) {  // dk, dv
       const int n = std::min(c, lk - r0);
       const T* kc = k + static_cast<int64_t>(r0) * d;
-      fm.build(kc, n, phi.data());
+      fm.features(kc, n, xt.data(), phi.data());
       build_value_aug(v + static_cast<int64_t>(r0) * dv, pad ? pad + r0 : nullptr, n, dv, vaug.data());
-      gemm<T>(false, false, n, dv, m, T(1), phi.data(), m, raug.data(), dv1, T(0), dv_out + static_cast<int64_t>(r0) * dv, dv);
-      gemm<T>(false, true, n, m, dv1, T(1), vaug.data(), dv1, raug.data(), dv1, T(0), u.data(), m);
-      fm.backprop(kc, u.data(), n, dk + static_cast<int64_t>(r0) * d);
+      gemm<T>(true, false, n, dv, m, T(1), phi.data(), n, raug.data(), dv1, T(0), dv_out + static_cast<int64_t>(r0) * dv, dv);
+      gemm<T>(false, true, m, n, dv1, T(1), raug.data(), dv1, vaug.data(), dv1, T(0), u.data(), n);
+      fm.backprop(xt.data(), u.data(), n, gt.data(), dk + static_cast<int64_t>(r0) * d);
     }
   } else {
     const int c = plan.chunk;
-    std::vector<T> phi(static_cast<size_t>(c) * m), vaug(static_cast<size_t>(c) * dv1), u(static_cast<size_t>(c) * m),
+    std::vector<T> xt(static_cast<size_t>(c) * d), gt(static_cast<size_t>(c) * d), phi(static_cast<size_t>(c) * m), vaug(static_cast<size_t>(c) * dv1), u(static_cast<size_t>(c) * m),
         sblk(static_cast<size_t>(c) * c), dp(static_cast<size_t>(c) * c), aug(static_cast<size_t>(m) * dv1, T(0));
     // Pass 1, forward over chunks: intra-chunk gradients and dq's inter-chunk part (S_aug prefix in `aug`).
     for (int r0 = 0; r0 < lq; r0 += c) {
@@ -400,8 +430,9 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
       T* dqc = dq + static_cast<int64_t>(r0) * d;
       build_value_aug(v + static_cast<int64_t>(r0) * dv, pad ? pad + r0 : nullptr, n, dv, vaug.data());
       if (r0 > 0) {
-        gemm<T>(false, true, n, m, dv1, T(1), gc, dv1, aug.data(), dv1, T(0), u.data(), m);
-        fm.backprop(qc, u.data(), n, dqc);
+        gemm<T>(false, true, m, n, dv1, T(1), aug.data(), dv1, gc, dv1, T(0), u.data(), n);
+        fm.transpose_in(qc, n, xt.data());
+        fm.backprop(xt.data(), u.data(), n, gt.data(), dqc);
       }
       gemm<T>(false, true, n, n, d, tscale, qc, d, kc, d, T(0), sblk.data(), n);
       gemm<T>(false, true, n, n, dv1, T(1), gc, dv1, vaug.data(), dv1, T(0), dp.data(), n);
@@ -419,8 +450,8 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
       gemm<T>(true, false, n, d, n, tscale, dp.data(), n, qc, d, T(1), dk + static_cast<int64_t>(r0) * d, d);
       gemm<T>(true, false, n, dv, n, T(1), sblk.data(), n, gc, dv1, T(1), dv_out + static_cast<int64_t>(r0) * dv, dv);
       if (r0 + n < lq) {
-        fm.build(kc, n, phi.data());
-        gemm<T>(true, false, m, dv1, n, T(1), phi.data(), m, vaug.data(), dv1, T(1), aug.data(), dv1);
+        fm.features(kc, n, xt.data(), phi.data());
+        gemm<T>(false, false, m, dv1, n, T(1), phi.data(), n, vaug.data(), dv1, T(1), aug.data(), dv1);
       }
     }
     // Pass 2, backward over chunks: dk's and dv's inter-chunk parts (R_aug suffix in `aug`).
@@ -431,15 +462,15 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
       const T* qc = q + static_cast<int64_t>(r0) * d;
       const T* kc = k + static_cast<int64_t>(r0) * d;
       if (r0 < last) {
-        fm.build(kc, n, phi.data());
+        fm.features(kc, n, xt.data(), phi.data());
         build_value_aug(v + static_cast<int64_t>(r0) * dv, pad ? pad + r0 : nullptr, n, dv, vaug.data());
-        gemm<T>(false, false, n, dv, m, T(1), phi.data(), m, aug.data(), dv1, T(1), dv_out + static_cast<int64_t>(r0) * dv, dv);
-        gemm<T>(false, true, n, m, dv1, T(1), vaug.data(), dv1, aug.data(), dv1, T(0), u.data(), m);
-        fm.backprop(kc, u.data(), n, dk + static_cast<int64_t>(r0) * d);
+        gemm<T>(true, false, n, dv, m, T(1), phi.data(), n, aug.data(), dv1, T(1), dv_out + static_cast<int64_t>(r0) * dv, dv);
+        gemm<T>(false, true, m, n, dv1, T(1), aug.data(), dv1, vaug.data(), dv1, T(0), u.data(), n);
+        fm.backprop(xt.data(), u.data(), n, gt.data(), dk + static_cast<int64_t>(r0) * d);
       }
       if (r0 > 0) {
-        fm.build(qc, n, phi.data());
-        gemm<T>(true, false, m, dv1, n, T(1), phi.data(), m, gaug.data() + static_cast<int64_t>(r0) * dv1, dv1, T(1),
+        fm.features(qc, n, xt.data(), phi.data());
+        gemm<T>(false, false, m, dv1, n, T(1), phi.data(), n, gaug.data() + static_cast<int64_t>(r0) * dv1, dv1, T(1),
                 aug.data(), dv1);
       }
     }
@@ -514,15 +545,31 @@ std::tuple<at::Tensor, at::Tensor> taylor_fwd_cpu(const at::Tensor& q_in, const 
   at::Tensor den = at::empty({s.batch, s.heads, s.lq}, q.options());
   if (out.numel() > 0) {
     const Plan plan = make_plan(s, causal);
+    // With fewer heads than threads, split the value columns too: each task owns a block of output columns
+    // (and recomputes the normalizer, written by the first block only). Blocks of >= 16 columns.
+    const int64_t heads = s.batch * s.heads;
+    const int64_t threads = at::get_num_threads();
+    const int64_t blocks = heads >= threads ? 1 : std::min<int64_t>((threads + heads - 1) / heads,
+                                                                     std::max<int64_t>(1, s.dv / 16));
+    const int64_t width = (s.dv + blocks - 1) / blocks;
     AT_DISPATCH_FLOATING_TYPES(acc, "taylor_fwd_cpu", [&] {
-      for_each_head(s, [&](int64_t bh) {
-        const int64_t b = bh / s.heads;
-        forward_one<scalar_t>(q.data_ptr<scalar_t>() + bh * s.lq * s.d, k.data_ptr<scalar_t>() + bh * s.lk * s.d,
-                              v.data_ptr<scalar_t>() + bh * s.lk * s.dv, mask_ptr(mask, b, s.lk),
-                              out.data_ptr<scalar_t>() + bh * s.lq * s.dv, den.data_ptr<scalar_t>() + bh * s.lq, s,
-                              causal, scale, plan, nullptr, false, false);
+      at::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t bh = task / blocks, block = task % blocks, b = bh / s.heads;
+          const int64_t c0 = block * width, w = std::min(width, s.dv - c0);
+          if (w <= 0) continue;
+          Shape part = s;
+          part.dv = w;
+          forward_one<scalar_t>(q.data_ptr<scalar_t>() + bh * s.lq * s.d, k.data_ptr<scalar_t>() + bh * s.lk * s.d,
+                                v.data_ptr<scalar_t>() + bh * s.lk * s.dv + c0, mask_ptr(mask, b, s.lk),
+                                out.data_ptr<scalar_t>() + bh * s.lq * s.dv + c0,
+                                block == 0 ? den.data_ptr<scalar_t>() + bh * s.lq : nullptr, part, causal, scale, plan,
+                                nullptr, false, false, static_cast<int>(s.dv));
+        }
       });
     });
+  } else if (den.numel() > 0) {
+    den.zero_();  // Dv == 0: no output columns, but the normalizer is still defined
   }
   return {out.to(q_in.scalar_type()), den};
 }
@@ -612,7 +659,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_prefill_cpu(const at::Tens
                               v.data_ptr<scalar_t>() + bh * s.lk * s.dv, mask_ptr(mask, b, s.lk),
                               out.data_ptr<scalar_t>() + bh * s.lq * s.dv, den.data_ptr<scalar_t>() + bh * s.lq, s,
                               true, scale, plan, state_aug.data_ptr<scalar_t>() + bh * m * (s.dv + 1), has_state,
-                              true);
+                              true, static_cast<int>(s.dv));
       });
     });
   }
