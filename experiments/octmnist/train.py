@@ -66,8 +66,10 @@ def seed_everything(seed: int):
 
 
 def epoch_order(n: int, generator: torch.Generator) -> torch.Tensor:
-    """One epoch of ``RandomSampler`` without replacement: it draws ``randperm(n)`` and then a second,
-    discarded ``randperm(n)`` (its ``[:num_samples % n]`` tail), so the generator advances the same way."""
+    """One epoch of ``DataLoader(shuffle=True, generator=g)`` (single-process loading): creating the
+    iterator draws an int64 base seed from ``g``; ``RandomSampler`` then draws ``randperm(n)`` and a
+    second, discarded ``randperm(n)`` (its ``[:num_samples % n]`` tail).  Same order, same generator state."""
+    torch.empty((), dtype=torch.int64).random_(generator=generator)
     order = torch.randperm(n, generator=generator)
     torch.randperm(n, generator=generator)
     return order
