@@ -63,11 +63,13 @@ def _plot(path, epochs, series, ylabel, title):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, ys in series:
         ax.plot(epochs, ys, marker="o", ms=3, label=label)
     ax.set_xlabel("Epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -81,6 +83,8 @@ def plot_run(r: dict, plots_dir: str, prefix: str | None = None) -> list[str]:
     prefix = prefix or r["name"]
     ep = [h["epoch"] for h in r["history"]]
     title = f"{VARIANT_TITLES[r['variant']]}, lr {r['lr']:g}"
+    if prefix.startswith("best_"):
+        title = "Best: " + title
     p1 = os.path.join(plots_dir, f"{prefix}_train_loss.png")
     _plot(p1, ep, [("epoch mean", [h["train_loss"] for h in r["history"]]),
                    ("cumulative mean (course)", [h["train_loss_cumulative"] for h in r["history"]])],
