@@ -33,7 +33,9 @@ def pytest_addoption(parser):
     g.addoption("--bench-dtype", default=None, choices=["float32", "float16", "bfloat16"])
     g.addoption("--bench-modes", default=None, help="fwd,fwdbwd")
     g.addoption("--bench-impls", default=None, help="regular expression selecting implementations by name")
+    g.addoption("--bench-min-rounds", default=None, type=int, help="rounds at least (when within the case budget)")
     g.addoption("--bench-max-rounds", default=None, type=int)
+    g.addoption("--bench-threads", default=None, type=int, help="torch.set_num_threads for the run (CPU)")
     g.addoption("--bench-case-budget", default=None, type=float, help="skip a case whose one call is estimated longer (s)")
     g.addoption("--bench-total-budget", default=None, type=float, help="skip the remaining cases after this many seconds")
     g.addoption("--bench-mem-gb", default=None, type=float, help="skip a case estimated to need more memory (GiB)")
@@ -45,7 +47,8 @@ def suite_settings(config) -> dict:
     for key, opt in [
         ("lengths", "--bench-lengths"), ("batch", "--bench-batch"), ("heads", "--bench-heads"), ("dim", "--bench-dim"),
         ("vdim", "--bench-vdim"), ("dtype", "--bench-dtype"), ("modes", "--bench-modes"),
-        ("max_rounds", "--bench-max-rounds"), ("case_budget_s", "--bench-case-budget"),
+        ("min_rounds", "--bench-min-rounds"), ("max_rounds", "--bench-max-rounds"), ("threads", "--bench-threads"),
+        ("case_budget_s", "--bench-case-budget"),
         ("total_budget_s", "--bench-total-budget"), ("mem_gb", "--bench-mem-gb"),
     ]:
         value = config.getoption(opt)

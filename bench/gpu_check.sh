@@ -20,14 +20,15 @@
 #   python -m bench.report <copy of $OUT>/cuda_scaling.json
 #
 # Environment: OUT (default: a new temporary folder), GPU_CHECK_BUDGET_S (default 500: the whole script),
-# GPU_CHECK_DRY_RUN=1 (same as --dry-run), PYTHON (default python3).
+# GPU_CHECK_DRY_RUN=1 (same as --dry-run), GPU_CHECK_SCALING_ARGS (extra options for bench.scaling),
+# MAX_JOBS (default 16), PYTHON (default python3).
 set -u
 START=$(date +%s)
 DRY_RUN="${GPU_CHECK_DRY_RUN:-0}"
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -170,7 +171,10 @@ if [ "$DRY_RUN" = "1" ]; then
 else
   SARGS=(--device cuda --name cuda_scaling --note "bench/gpu_check.sh")
 fi
-run_stage scaling "$T" "$PY" -m bench.scaling "${SARGS[@]}" --out "$OUT" --no-plots --total-budget $(( T > 60 ? T - 45 : 15 ))
+# GPU_CHECK_SCALING_ARGS: extra options for python -m bench.scaling, e.g. "--impls taylor_ --batch 1,16"
+# shellcheck disable=SC2086
+run_stage scaling "$T" "$PY" -m bench.scaling "${SARGS[@]}" --out "$OUT" --no-plots --total-budget $(( T > 60 ? T - 45 : 15 )) \
+    ${GPU_CHECK_SCALING_ARGS:-}
 NOTE=$("$PY" - "$OUT/cuda_scaling.json" <<'PY' 2>/dev/null
 import json, sys
 try:

@@ -74,6 +74,10 @@ def machine_info(device: str = "cpu") -> dict:
         import linattn_cuda
 
         info["backends"] = linattn_cuda.available_backends(device if device != "cuda" or torch.cuda.is_available() else "cpu")
+        if linattn_cuda.extension_loaded():
+            import linattn_cuda._C as ext
+
+            info["extension"] = ext.__file__
     except Exception as exc:  # the header must never fail
         info["backends"] = f"unavailable: {exc}"
     if device == "cuda" and torch.cuda.is_available():
@@ -95,7 +99,7 @@ def format_machine_header(info: dict) -> str:
         + (f" (CUDA {info['torch_cuda']})" if info.get("torch_cuda") else "")
         + f", Triton {info.get('triton') or 'not installed'}",
         f"- **linattn_cuda:** commit {info.get('linattn_cuda_commit') or 'unknown'}, backends on {info.get('device')}: "
-        f"{info.get('backends')}",
+        f"{info.get('backends')}" + (f" (extension {info['extension']})" if info.get("extension") else ""),
         f"- **Peers:** {peers}",
     ]
     if info.get("note"):

@@ -15,27 +15,27 @@ BASE = {
     "cpu": dict(
         device="cpu", dtype="float32", batch=(1,), heads=4, dim=16, vdim=64,
         lengths=(256, 512, 1024, 2048, 4096, 8192, 16384), modes=("fwd", "fwdbwd"), causal=(False, True),
-        max_rounds=3, round_budget_s=0.5, case_budget_s=2.0, total_budget_s=260.0, mem_gb=6.0, peak_n=2048,
-        check_max_len=1024,
+        min_rounds=3, max_rounds=5, round_budget_s=1.0, case_budget_s=2.0, total_budget_s=270.0, mem_gb=6.0,
+        peak_n=2048, check_max_len=1024, threads=None,
     ),
     "cuda": dict(
         device="cuda", dtype="bfloat16", batch=(16,), heads=16, dim=16, vdim=64,
         lengths=(1024, 2048, 4096, 8192, 16384, 32768, 65536), modes=("fwd", "fwdbwd"), causal=(False, True),
-        max_rounds=10, round_budget_s=0.3, case_budget_s=1.5, total_budget_s=200.0, mem_gb=None, peak_n=8192,
-        check_max_len=2048,
+        min_rounds=3, max_rounds=10, round_budget_s=0.3, case_budget_s=1.5, total_budget_s=200.0, mem_gb=None,
+        peak_n=8192, check_max_len=2048, threads=None,
     ),
 }
 
 OVERRIDES = {
     "quick": {},
     "full": {
-        "cpu": dict(max_rounds=5, round_budget_s=3.0, case_budget_s=30.0, total_budget_s=3600.0),
+        "cpu": dict(min_rounds=5, max_rounds=10, round_budget_s=3.0, case_budget_s=30.0, total_budget_s=3600.0),
         "cuda": dict(batch=(1, 16), round_budget_s=1.0, case_budget_s=5.0, total_budget_s=1200.0),
     },
     "tiny": {
-        "cpu": dict(lengths=(64,), batch=(1,), heads=2, max_rounds=1, round_budget_s=0.0, case_budget_s=30.0,
+        "cpu": dict(lengths=(64,), batch=(1,), heads=2, min_rounds=1, max_rounds=1, round_budget_s=0.0, case_budget_s=30.0,
                     total_budget_s=120.0, peak_n=128),
-        "cuda": dict(lengths=(64,), batch=(1,), heads=2, max_rounds=1, round_budget_s=0.0, case_budget_s=60.0,
+        "cuda": dict(lengths=(64,), batch=(1,), heads=2, min_rounds=1, max_rounds=1, round_budget_s=0.0, case_budget_s=60.0,
                      total_budget_s=120.0, peak_n=256),
     },
 }

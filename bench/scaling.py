@@ -41,6 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--total-budget", type=float, default=None, help="seconds; remaining cases are skipped after it")
     p.add_argument("--case-budget", type=float, default=None, help="seconds per call above which a case is skipped")
     p.add_argument("--mem-gb", type=float, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--stat", default="median", choices=["median", "min", "mean"],
+                   help="statistic of each case's rounds used in tables, fits and plots (min resists contention)")
     p.add_argument("--no-plots", action="store_true", help="write JSON and markdown only")
     args, extra = p.parse_known_args(argv)
     if extra and extra[0] == "--":
@@ -58,14 +61,14 @@ def pytest_args(args, raw_json: str, skips_json: str, extra: list[str]) -> list[
         ("--bench-lengths", args.lengths), ("--bench-batch", args.batch), ("--bench-heads", args.heads),
         ("--bench-dtype", args.dtype), ("--bench-modes", args.modes), ("--bench-impls", args.impls),
         ("--bench-total-budget", args.total_budget), ("--bench-case-budget", args.case_budget),
-        ("--bench-mem-gb", args.mem_gb),
+        ("--bench-mem-gb", args.mem_gb), ("--bench-threads", args.threads),
     ]:
         if value is not None:
             cmd += [opt, str(value)]
     return cmd + list(extra)
 
 
-def merge(raw_json: str, skips_json: str, out_json: str, device: str, note, runtime_s: float) -> dict:
+def merge(raw_json: str, skips_json: str, out_json: str, device: str, note, runtime_s: float, stat="median") -> dict:
     from bench.machine import machine_info
 
     data = {"benchmarks": []}
@@ -80,7 +83,7 @@ def merge(raw_json: str, skips_json: str, out_json: str, device: str, note, runt
     if note:
         machine["note"] = note
     data["linattn_machine"] = machine
-    data["linattn_settings"] = skips.get("settings", {})
+    data["linattn_settings"] = dict(skips.get("settings", {}), stat=stat)
     data["linattn_skipped"] = skips.get("skipped", [])
     data["linattn_runtime_s"] = round(runtime_s, 1)
     with open(out_json, "w") as f:
@@ -104,7 +107,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         rc = pytest.main(pytest_args(args, raw_json, skips_json, extra))
         runtime = time.perf_counter() - start
-        data = merge(raw_json, skips_json, out_json, args.device, args.note, runtime)
+        data = merge(raw_json, skips_json, out_json, args.device, args.note, runtime, args.stat)
     if args.no_plots:
         analysis = report.analyse(data)
         report.write_markdown(data, analysis, os.path.join(args.out, name + ".md"),

@@ -93,7 +93,10 @@ class SuiteState:
 
 @pytest.fixture(scope="session")
 def suite(request):
-    return suite_settings(request.config)
+    cfg = suite_settings(request.config)
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    return cfg
 
 
 @pytest.fixture(scope="session")
@@ -227,22 +230,29 @@ def test_scaling(case, benchmark, suite, state, impls_by_name):
         if impl.check_required:
             assert err <= _CHECK_TOL[dtype], f"{impl.name} disagrees with the quadratic reference: rel err {err:.2e}"
 
-    rounds = max(1, min(cfg["max_rounds"], int(cfg["round_budget_s"] / max(est, 1e-9))))
+    # at least min_rounds while they fit in the per-case budget, more (up to max_rounds) within the round budget
+    floor = max(1, min(cfg["min_rounds"], int(cfg["case_budget_s"] / max(est, 1e-9))))
+    rounds = max(floor, min(cfg["max_rounds"], int(cfg["round_budget_s"] / max(est, 1e-9))))
     info["rounds"] = rounds
     benchmark.extra_info.update(info)
     benchmark.pedantic(target, rounds=rounds, iterations=1, warmup_rounds=0)
     stats = getattr(getattr(benchmark, "stats", None), "stats", None)
-    state.last[key] = (length, stats.median if stats is not None else est)
+    # the best round estimates the cost of the next length: one preempted round must not skip the rest of a curve
+    state.last[key] = (length, min(est, stats.min) if stats is not None else est)
 
 
-def test_matmul_peak(benchmark, suite):
-    """The machine's dense matmul throughput (sgemm on CPU, the suite dtype on CUDA): the GFLOP/s ceiling."""
+@pytest.mark.parametrize("size", ["half", "full"])
+def test_matmul_peak(benchmark, suite, size):
+    """The machine's dense matmul throughput (sgemm on CPU, the suite dtype on CUDA): the GFLOP/s ceiling.
+
+    Two sizes (peak_n/2 and peak_n); the report takes the best round of either.
+    """
     problem = _device_problem(suite)
     if problem:
         pytest.skip(problem)
     device = torch.device(suite["device"])
     dtype = torch.float32 if device.type == "cpu" else _DTYPES[suite["dtype"]]
-    n = suite["peak_n"]
+    n = suite["peak_n"] // (2 if size == "half" else 1)
     a = torch.randn(n, n, device=device, dtype=dtype)
     bm = torch.randn(n, n, device=device, dtype=dtype)
 
@@ -251,7 +261,7 @@ def test_matmul_peak(benchmark, suite):
         _sync(device)
 
     est = min(_timed(target) for _ in range(2))
-    rounds = max(3, min(20, int(1.0 / max(est, 1e-9))))
+    rounds = max(5, min(30, int(1.5 / max(est, 1e-9))))
     benchmark.extra_info.update(
         impl="matmul_peak", kind="peak", n=n, dtype=str(dtype).replace("torch.", ""), device=device.type,
         flops=matmul_flops(n), rounds=rounds,
