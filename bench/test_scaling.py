@@ -136,6 +136,12 @@ def _mem_available() -> float:
     return 8.0 * GIB
 
 
+def _is_oom(exc: Exception) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)  # CPU allocator
+    )
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -199,17 +205,22 @@ def test_scaling(case, benchmark, suite, state, impls_by_name):
 
     target = forward if case.mode == "fwd" else forward_backward
     warmups = 2 if device.type == "cuda" else 1
+    oom = None
     try:
         for _ in range(warmups):
             est = _timed(target)
-    except torch.OutOfMemoryError as exc:
-        state.failed[key] = "out of memory"
-        pytest.skip(f"out of memory: {str(exc).splitlines()[0][:160]}")
     except Exception as exc:
-        state.failed[key] = f"failed ({type(exc).__name__})"
-        if impl.family.startswith("peer"):  # a peer's own failure is reported, not counted against this suite
-            pytest.skip(f"peer raised {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
-        raise
+        if not _is_oom(exc):
+            state.failed[key] = f"failed ({type(exc).__name__})"
+            if impl.family.startswith("peer"):  # a peer's own failure is reported, not counted against this suite
+                pytest.skip(f"peer raised {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+            raise
+        oom = str(exc).splitlines()[0][:160]  # skip outside the handler, so the traceback's tensors are freed
+    if oom is not None:
+        state.failed[key] = "out of memory"
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        pytest.skip(f"out of memory (estimate was {mem / GIB:.1f} GiB): {oom}")
 
     info = dict(
         impl=impl.name, form=impl.form, family=impl.family, mode=case.mode, causal=case.causal, batch=b, heads=h,
