@@ -25,6 +25,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from bench.flops import feature_dim
+
 __all__ = ["Impl", "all_impls", "GIB"]
 
 GIB = 2**30
@@ -42,7 +44,7 @@ class Impl:
     growth: float = 1.0  # exponent used to extrapolate time to the next length (skip estimates)
     mem_per_pair: float = 0.0  # bytes per (batch, head, query, key) pair materialized (forward)
     pairs_on: tuple = ("cpu", "cuda")  # device types on which those pairs are materialized
-    mem_per_token: float = 0.0  # bytes per (batch, head, token) materialized (forward)
+    mem_per_token: object = 0.0  # bytes per (batch, head, token) materialized (forward); or a function of (D, Dv)
     flop_dims: Optional[Callable[[int, int], tuple]] = None  # (D, Dv) -> dims actually multiplied
     availability: Callable = field(default=lambda device: None)  # device -> None or the reason it is unusable
     note: str = ""
@@ -52,11 +54,13 @@ class Impl:
             return f"{self.name} is causal only"
         return self.availability(device)
 
-    def memory_estimate(self, batch: int, heads: int, length: int, mode: str, device_type: str = "cpu") -> float:
+    def memory_estimate(self, batch: int, heads: int, length: int, d: int, dv: int, mode: str,
+                        device_type: str = "cpu") -> float:
         """Peak bytes the call materializes beyond its inputs (a rough upper estimate)."""
         bh = batch * heads
         per_pair = self.mem_per_pair if device_type in self.pairs_on else 0.0
-        est = per_pair * bh * length * length + self.mem_per_token * bh * length
+        per_token = self.mem_per_token(d, dv) if callable(self.mem_per_token) else self.mem_per_token
+        est = per_pair * bh * length * length + per_token * bh * length
         return est * (2.5 if mode == "fwdbwd" else 1.0)
 
 
@@ -94,7 +98,7 @@ def _backend_impl(backend: str) -> Impl:
         family="taylor-fused",
         prepare=prepare,
         growth=1.5,
-        mem_per_token=4.0 * 64,
+        mem_per_token=lambda d, dv: 4.0 * (2 * d + 2 * dv),
         availability=availability,
         note=f"taylor_attention(backend={backend!r})",
     )
@@ -165,12 +169,12 @@ def _ft(q, k, v, causal):
 
 def all_impls() -> list[Impl]:
     """Every implementation the suite knows, in display order (availability is checked per case)."""
-    m16 = 153  # feature count for the default D=16; only used in memory estimates
     impls = [
         Impl("taylor_ref_quadratic", "quadratic", "taylor-quadratic", _ref_quadratic, growth=2.0,
              mem_per_pair=5 * 4.0, note="reference quadratic form"),
         Impl("taylor_ref_featuremap", "linear", "taylor-linear", _ref_featuremap, growth=1.0,
-             mem_per_token=4.0 * (6 * m16 + 64 * m16 / 64 + 128), check_required=True,
+             # φ(q), φ(k) and autograd copies (~6 L×M), the per-chunk states of the causal form (M·Dv/C per token)
+             mem_per_token=lambda d, dv: 4.0 * (6 * feature_dim(d) + feature_dim(d) * dv / 64 + 2 * dv),
              note="reference linear form (non-causal) / chunked form C=64 (causal)"),
     ]
     from linattn_cuda.backends import backend_names
@@ -191,7 +195,8 @@ def all_impls() -> list[Impl]:
              check_required=False, growth=1.0, availability=_fla_availability,
              note="fla.ops.based.fused_chunk_based ([B,T,H,D], D <= 16)"),
         Impl("ft_causal_product", "linear_unnormalized", "peer-linear", _ft, causal_only=True,
-             computes_taylor=False, growth=1.0, mem_per_token=4.0 * 4 * m16, availability=_ft_availability,
+             computes_taylor=False, growth=1.0, mem_per_token=lambda d, dv: 4.0 * 4 * feature_dim(d),
+             availability=_ft_availability,
              note="fast_transformers causal_dot_product on materialized features M=153, fp32, unnormalized"),
     ]
     return impls

@@ -72,7 +72,7 @@ def merge(raw_json: str, skips_json: str, out_json: str, device: str, note, runt
     from bench.machine import machine_info
 
     data = {"benchmarks": []}
-    if os.path.exists(raw_json):
+    if os.path.exists(raw_json) and os.path.getsize(raw_json) > 0:  # pytest-benchmark writes nothing when all skip
         with open(raw_json) as f:
             data = json.load(f)
     skips = {"skipped": [], "settings": {}}

@@ -169,7 +169,7 @@ def test_scaling(case, benchmark, suite, state, impls_by_name):
 
     elem = torch.tensor([], dtype=dtype).element_size()
     io_bytes = b * h * length * (2 * d + 2 * dv) * elem * (2 if case.mode == "fwdbwd" else 1)
-    mem = impl.memory_estimate(b, h, length, case.mode, device.type) + io_bytes
+    mem = impl.memory_estimate(b, h, length, d, dv, case.mode, device.type) + io_bytes
     limit = memory_limit(cfg, device)
     if mem > limit:
         pytest.skip(f"estimated memory {mem / GIB:.1f} GiB > limit {limit / GIB:.1f} GiB")
