@@ -189,18 +189,19 @@ def write_markdown(data: dict, analysis: dict, path: str, title: str) -> None:
     machine = data.get("linattn_machine") or {}
     pk = analysis.get("peak")
     lines = [f"# {title}", "", format_machine_header(machine) if machine else "", ""]
+    facts = []
     if settings:
-        lines.append(
+        facts.append(
             f"Shape: B={','.join(map(str, settings.get('batch', [])))}, H={settings.get('heads')}, "
             f"D={settings.get('dim')}, Dv={settings.get('vdim')}, {settings.get('dtype')}, device {settings.get('device')}; "
             f"preset `{settings.get('preset')}`; time = **{time_stat(data)}** over the rounds pytest-benchmark ran "
             f"({settings.get('min_rounds', 1)}–{settings.get('max_rounds')} per case within the budgets, after warm-up)."
         )
     if pk:
-        lines.append(f"Measured matmul peak ({pk['n']}³ {pk['dtype']} matmul, best round): **{pk['gflops']:,.1f} GFLOP/s**.")
+        facts.append(f"Measured matmul peak ({pk['n']}³ {pk['dtype']} matmul, best round): **{pk['gflops']:,.1f} GFLOP/s**.")
     if data.get("linattn_runtime_s"):
-        lines.append(f"Suite wall time: {data['linattn_runtime_s']:.0f} s.")
-    lines.append("")
+        facts.append(f"Suite wall time: {data['linattn_runtime_s']:.0f} s.")
+    lines += [f"- {x}" for x in facts] + [""]
 
     if analysis["targets"]:
         lines += ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
