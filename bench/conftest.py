@@ -9,13 +9,26 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
+import time
+
+import pytest
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # `pytest bench/...` from the repository root without an installed package
     sys.path.insert(0, _ROOT)
 
 from bench.presets import PRESETS, settings  # noqa: E402
+
+try:  # LINATTN_BENCH_FALLBACK=1 forces the stand-in (to test it where pytest-benchmark is installed)
+    if os.environ.get("LINATTN_BENCH_FALLBACK") == "1":
+        raise ImportError("LINATTN_BENCH_FALLBACK=1")
+    import pytest_benchmark  # noqa: F401
+
+    HAVE_PYTEST_BENCHMARK = True
+except ImportError:  # e.g. an offline GPU machine: a minimal stand-in below writes the same JSON fields
+    HAVE_PYTEST_BENCHMARK = False
 
 _INT_LISTS = {"lengths", "batch"}
 _STR_LISTS = {"modes"}
@@ -40,6 +53,8 @@ def pytest_addoption(parser):
     g.addoption("--bench-total-budget", default=None, type=float, help="skip the remaining cases after this many seconds")
     g.addoption("--bench-mem-gb", default=None, type=float, help="skip a case estimated to need more memory (GiB)")
     g.addoption("--bench-skips-json", default=None, help="write skipped cases and reasons to this file")
+    g.addoption("--bench-fallback-json", default=None,
+                help="results file of the stand-in `benchmark` fixture used when pytest-benchmark is not installed")
 
 
 def suite_settings(config) -> dict:
@@ -79,6 +94,56 @@ def pytest_sessionfinish(session, exitstatus):
     if path:
         with open(path, "w") as f:
             json.dump({"skipped": _SKIPPED, "settings": _jsonable(suite_settings(session.config))}, f, indent=1)
+    path = session.config.getoption("--bench-fallback-json", default=None)
+    if path and _FALLBACK_RESULTS:
+        with open(path, "w") as f:
+            json.dump({"benchmarks": _FALLBACK_RESULTS, "fallback": "bench/conftest.py stand-in"}, f, indent=1)
+
+
+_FALLBACK_RESULTS: list = []
+
+
+class _Stats:
+    def __init__(self, data):
+        self.data = data
+        self.min, self.max = min(data), max(data)
+        self.mean, self.median = statistics.fmean(data), statistics.median(data)
+        self.stddev = statistics.stdev(data) if len(data) > 1 else 0.0
+        self.rounds = len(data)
+
+    def as_dict(self):
+        return {k: getattr(self, k) for k in ("min", "max", "mean", "median", "stddev", "rounds", "data")}
+
+
+class FallbackBenchmark:
+    """The part of pytest-benchmark's fixture the suite uses: ``extra_info``, ``pedantic``, ``stats.stats``."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.extra_info: dict = {}
+        self.stats = None
+
+    def pedantic(self, target, args=(), kwargs=None, rounds=1, iterations=1, warmup_rounds=0):
+        kwargs = kwargs or {}
+        for _ in range(warmup_rounds * iterations):
+            target(*args, **kwargs)
+        data, result = [], None
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(iterations):
+                result = target(*args, **kwargs)
+            data.append((time.perf_counter() - t0) / iterations)
+        stats = _Stats(data)
+        self.stats = type("Metadata", (), {"stats": stats})()
+        _FALLBACK_RESULTS.append({"name": self.name, "extra_info": self.extra_info, "stats": stats.as_dict()})
+        return result
+
+
+if not HAVE_PYTEST_BENCHMARK:
+
+    @pytest.fixture
+    def benchmark(request):
+        return FallbackBenchmark(request.node.name)
 
 
 def _jsonable(cfg: dict) -> dict:

@@ -5,8 +5,6 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import numpy as np
-
 __all__ = ["PowerFit", "fit_exponent", "Crossover", "find_crossover"]
 
 
@@ -21,8 +19,8 @@ class PowerFit:
     lo: float  # smallest length used
     hi: float  # largest length used
 
-    def predict(self, length):
-        return self.coef * np.asarray(length, dtype=float) ** self.exponent
+    def predict(self, length: float) -> float:
+        return self.coef * float(length) ** self.exponent
 
 
 def fit_exponent(
@@ -45,13 +43,17 @@ def fit_exponent(
     )
     if len({l for l, _ in pts}) < max(2, min_points):
         return None
-    x = np.log([l for l, _ in pts])
-    y = np.log([t for _, t in pts])
-    slope, intercept = np.polyfit(x, y, 1)
-    resid = y - (slope * x + intercept)
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    r2 = 1.0 - float((resid**2).sum()) / ss_tot if ss_tot > 0 else 1.0
-    return PowerFit(float(slope), float(math.exp(intercept)), r2, len(pts), pts[0][0], pts[-1][0])
+    # ordinary least squares in plain Python (no numpy needed on the GPU machine)
+    x = [math.log(l) for l, _ in pts]
+    y = [math.log(t) for _, t in pts]
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxx = sum((a - mx) ** 2 for a in x)
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx
+    intercept = my - slope * mx
+    ss_res = sum((b - (slope * a + intercept)) ** 2 for a, b in zip(x, y))
+    ss_tot = sum((b - my) ** 2 for b in y)
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    return PowerFit(slope, math.exp(intercept), r2, len(pts), pts[0][0], pts[-1][0])
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 # Install the peers of the scaling benchmark into the current Python environment (torch already installed).
 #
 #   bash bench/install_peers.sh                        # pytorch-fast-transformers 0.4.0 (CPU build) + fla-core
-#   PEERS_WHEEL_DIR=.whl bash bench/install_peers.sh   # also put the pure-Python wheels (fla-core, einops) in .whl/
-#                                                      # for bench/gpu_check.sh on an offline GPU machine
+#   PEERS_WHEEL_DIR=.whl bash bench/install_peers.sh   # also put pure-Python wheels (fla-core, einops,
+#                                                      # pytest-benchmark, py-cpuinfo) in .whl/ for bench/gpu_check.sh
+#                                                      # on an offline GPU machine
 #   SKIP_FLA=1 / SKIP_FT=1                             # leave one of them out; FORCE=1 rebuilds fast-transformers
 #
 # pytorch-fast-transformers 0.4.0 ships only an sdist whose setup.py imports torch (so: no build isolation) and
@@ -54,7 +55,9 @@ if [ "${SKIP_FLA:-0}" != "1" ]; then
   "$PY" -m pip install -q "fla-core==$FLA_VERSION" || echo "fla-core not installed (optional peer)"
   if [ -n "${PEERS_WHEEL_DIR:-}" ]; then
     mkdir -p "$PEERS_WHEEL_DIR"
-    "$PY" -m pip download -q --no-deps -d "$PEERS_WHEEL_DIR" "fla-core==$FLA_VERSION" einops
+    # fla-core and einops; pytest-benchmark and py-cpuinfo in case the GPU machine lacks them (without them the
+    # suite falls back to a stand-in timer of bench/conftest.py)
+    "$PY" -m pip download -q --no-deps -d "$PEERS_WHEEL_DIR" "fla-core==$FLA_VERSION" einops pytest-benchmark py-cpuinfo
     echo "wheels for the GPU machine in $PEERS_WHEEL_DIR:"; ls -1 "$PEERS_WHEEL_DIR"
   fi
 fi
