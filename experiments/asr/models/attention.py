@@ -26,7 +26,10 @@ ATTENTION_KINDS = ("softmax", "taylor")
 
 
 class KVCache(NamedTuple):
-    """Keys/values ``[B, H, L, d]`` seen so far (self-attention) or of the whole context (cross, frozen)."""
+    """Keys/values ``[B, H, L, d]`` seen so far (self-attention) or of the whole context (cross, frozen).
+
+    Keys are stored already multiplied by ``sqrt(scale)``, so a step scales only its query.
+    """
 
     k: torch.Tensor
     v: torch.Tensor
@@ -57,9 +60,9 @@ class SoftmaxAttention(nn.Module):
         b, length, _ = x.shape
         return x.view(b, length, self.num_heads, -1).transpose(1, 2)
 
-    def _attend(self, q, k, v, *, causal: bool, key_padding_mask) -> torch.Tensor:
+    def _attend(self, q, k, v, *, causal: bool, key_padding_mask, k_scaled: bool = False) -> torch.Tensor:
         c = self.scale**0.5
-        logits = (q * c) @ (k * c).transpose(-1, -2)
+        logits = (q * c) @ (k if k_scaled else k * c).transpose(-1, -2)
         lq, lk = logits.shape[-2:]
         masked = None
         if causal:
@@ -89,7 +92,8 @@ class SoftmaxAttention(nn.Module):
             w = self.value.weight
             empty = w.new_zeros(batch_size, self.num_heads, 0, self.head_dim)
             return KVCache(w.new_zeros(batch_size, self.num_heads, 0, self.qk_dim), empty, None, frozen=False)
-        return KVCache(self._heads(self.key(context)), self._heads(self.value(context)), key_padding_mask, frozen=True)
+        k = self._heads(self.key(context)) * self.scale**0.5
+        return KVCache(k, self._heads(self.value(context)), key_padding_mask, frozen=True)
 
     def step(self, x: torch.Tensor, cache: KVCache):
         squeeze = x.dim() == 2
@@ -97,10 +101,10 @@ class SoftmaxAttention(nn.Module):
             x = x.unsqueeze(1)
         q = self._heads(self.query(x))
         if not cache.frozen:
-            k = torch.cat([cache.k, self._heads(self.key(x)).to(cache.k.dtype)], dim=2)
+            k = torch.cat([cache.k, (self._heads(self.key(x)) * self.scale**0.5).to(cache.k.dtype)], dim=2)
             v = torch.cat([cache.v, self._heads(self.value(x)).to(cache.v.dtype)], dim=2)
             cache = KVCache(k, v, None, frozen=False)
-        out = self._attend(q, cache.k, cache.v, causal=False, key_padding_mask=cache.key_padding_mask)
+        out = self._attend(q, cache.k, cache.v, causal=False, key_padding_mask=cache.key_padding_mask, k_scaled=True)
         return (out[:, 0] if squeeze else out), cache
 
 
