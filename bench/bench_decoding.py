@@ -66,19 +66,21 @@ def main(argv=None) -> dict:
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     p.add_argument("--decoders", default="lstm,transformer,taylor")
+    p.add_argument("--backend", default="auto", help="linattn_cuda backend of the Taylor decoder")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    out = {"machine": machine(device), "torch": torch.__version__, "batch": args.batch, "steps": args.steps,
+    out = {"machine": machine(device), "torch": torch.__version__, "backend": args.backend, "batch": args.batch, "steps": args.steps,
            "frames": args.frames, "decode": {}, "train_step_seconds": {}}
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if (args.amp and device.type == "cuda") else torch.autocast("cpu", enabled=False)
     memory = torch.randn(args.batch, (args.frames - 1) // 2 + 1, args.width, device=device)
-    print(f"# {out['machine']} | torch {torch.__version__} | batch {args.batch}, {args.steps} steps, "
+    print(f"# {out['machine']} | torch {torch.__version__} | backend {args.backend} | batch {args.batch}, {args.steps} steps, "
           f"{memory.shape[1]} encoder frames, width {args.width}", flush=True)
     print("| decoder | decoding | tokens/s | seconds |\n|---|---|---|---|", flush=True)
     for name in args.decoders.split(","):
-        cfg = ModelConfig(decoder=name, width=args.width, mlp=2 * args.width, max_frames=args.frames, feature_dim=args.feature_dim)
+        cfg = ModelConfig(decoder=name, width=args.width, mlp=2 * args.width, max_frames=args.frames, feature_dim=args.feature_dim,
+                          backend=args.backend)
         model = build_model(cfg).to(device).eval()
         for cached in (True, False):
             with torch.no_grad(), amp:
@@ -98,7 +100,7 @@ def main(argv=None) -> dict:
         for name in ("transformer", "taylor"):
             torch.manual_seed(0)
             model = build_model(ModelConfig(decoder=name, width=args.width, mlp=2 * args.width, max_frames=args.frames,
-                                            max_len=args.steps, feature_dim=args.feature_dim)).to(device).train()
+                                            max_len=args.steps, feature_dim=args.feature_dim, backend=args.backend)).to(device).train()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
 
             def step():
