@@ -4,6 +4,7 @@
     out, state = taylor_attention_prefill(q, k, v)        # causal, returns the decoding state
     out_t, state = taylor_attention_step(q_t, k_t, v_t, state)
 """
+from . import nn
 from ._extension import extension_loaded
 from .api import taylor_attention, taylor_attention_prefill, taylor_attention_step
 from .backends import available_backends, backend_names
@@ -23,4 +24,5 @@ __all__ = [
     "available_backends",
     "backend_names",
     "extension_loaded",
+    "nn",
 ]
