@@ -3,8 +3,9 @@ L=16K under 1.5x the bytes of inputs + outputs).
 
     python -m bench.cpu_memory --length 16384 [--causal] [--backend cpu]
 
-"extra" = peak resident memory during the call minus resident memory just before it (inputs allocated,
-extension loaded, one tiny warm-up call made so that library initialization is not counted).
+"extra" = peak resident memory during the call (VmHWM, reset just before the call) minus resident memory
+just before it (inputs allocated, extension loaded, one tiny warm-up call made so that library
+initialization is not counted).
 """
 from __future__ import annotations
 
@@ -23,9 +24,17 @@ la.taylor_attention(q[:, :, :8], k[:, :, :8], v[:, :, :8], causal=causal, backen
 def rss_kib():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() // 1024
+def hwm_kib():  # this process's peak RSS (VmHWM); ru_maxrss would include the parent's peak from before exec
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak to the current RSS
+except OSError:
+    pass
 before = rss_kib()
 out = la.taylor_attention(q, k, v, causal=causal, backend=backend)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = hwm_kib()
 io_bytes = sum(t.numel() * t.element_size() for t in (q, k, v, out))
 print(json.dumps({"before_kib": before, "peak_kib": peak, "extra_bytes": (peak - before) * 1024,
                   "inputs_outputs_bytes": io_bytes}))
