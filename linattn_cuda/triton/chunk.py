@@ -48,11 +48,18 @@ from .common import block_dim, bwd_preprocess, dot_mode, mm, new_output
 
 __all__ = ["ChunkConfig", "chunk_config", "chunk_fwd", "chunk_bwd"]
 
-# A quadratic-feature state block is [A * BLOCK_D, BLOCK_DV] float32 in registers; these bound it.
+# Block sizes. A quadratic-feature state block is [A * BLOCK_D, BLOCK_DV] float32 held in registers for
+# the whole sequence, next to [C, A * BLOCK_D] feature tiles; these bound both (ptxas spills beyond them,
+# see tests/triton_compile_check.py). Tuned for D = 16, Dv = 64 by compiling only: retune on a GPU
+# (bench/triton_gpu_bench.py sweeps them).
 FUSED_MAX_FEATURES = 256  # FUSED needs all BLOCK_D^2 quadratic features in one block: D <= 16
-SPLIT_BLOCK_FEATURES = 128  # rows per block in split mode: A = SPLIT_BLOCK_FEATURES // BLOCK_D (>= 1)
-MAX_BLOCK_DV = 64  # value columns per program
-# Below this many programs (B*H * value blocks) the forward splits roles across programs to fill a GPU.
+SPLIT_BLOCK_FEATURES = 128  # split mode: A = SPLIT_BLOCK_FEATURES // BLOCK_D rows per block (>= 1)
+FWD_CHUNK = 32  # C of the forward
+FWD_BLOCK_DV = 32  # value columns per forward program (programs = value blocks x B*H x roles)
+BWD_CHUNK = 16  # C of the backward
+BWD_MAX_BLOCK_DV = 64  # the fused backward holds all of Dv (dq sums over it): fused needs Dv <= 64
+# Below this many programs (B*H x value blocks) the forward narrows its value blocks and then splits
+# roles across programs, to fill a GPU when B*H is small.
 MIN_PROGRAMS = 264  # two waves on an H100 (132 SMs)
 
 
@@ -68,17 +75,36 @@ def _sym_index(a, b, D):
 
 
 @triton.jit
-def _gather(X, rows, row_ok, cols, D):
+def _tile(X, rows, row_ok, cols, D):
     """[len(rows), len(cols)] tile X[rows, cols] (row stride D) in float32; 0 outside the bounds."""
     ok = row_ok[:, None] & (cols[None, :] < D)
     return tl.load(X + rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _gather_t(X, rows, row_ok, cols, D):
-    """The transposed tile [len(cols), len(rows)]: X[rows, cols]^T."""
-    ok = row_ok[None, :] & (cols[:, None] < D)
-    return tl.load(X + rows[None, :] * D + cols[:, None], mask=ok, other=0.0).to(tl.float32)
+def _phi2(xr, x):
+    """phi2 tile [C, A*BD]: phi2[i, a*BD + b] = xr[i, a] * x[i, b]  (xr = x[:, row0:row0+A], [C, A])."""
+    C: tl.constexpr = x.shape[0]
+    A: tl.constexpr = xr.shape[1]
+    BD: tl.constexpr = x.shape[1]
+    return tl.reshape(xr[:, :, None] * x[:, None, :], (C, A * BD))
+
+
+@triton.jit
+def _phi2_t(xr, x):
+    """The transposed tile [A*BD, C] = phi2(xr, x)^T, built from the small transposes."""
+    C: tl.constexpr = x.shape[0]
+    A: tl.constexpr = xr.shape[1]
+    BD: tl.constexpr = x.shape[1]
+    return tl.reshape(tl.trans(xr)[:, None, :] * tl.trans(x)[None, :, :], (A * BD, C))
+
+
+@triton.jit
+def _rows_dot(u, x, A: tl.constexpr):
+    """out[i, a] = sum_b u[i, a*BD + b] * x[i, b]: [C, A*BD] x [C, BD] -> [C, A]."""
+    C: tl.constexpr = x.shape[0]
+    BD: tl.constexpr = x.shape[1]
+    return tl.sum(tl.reshape(u, (C, A, BD)) * x[:, None, :], axis=2)
 
 
 @triton.jit
@@ -117,6 +143,7 @@ def _fwd_role(
     d_ok = offs_d < D
     v_ok = offs_v < DV
     f_ok = (fa < D) & (fb < D)
+    offs_r = row0 + tl.arange(0, A)  # this block's rows a
     Qb = Q + bh * LQ * D
     Kb = K + bh * LK * D
     Vb = V + bh * LK * DV
@@ -144,10 +171,7 @@ def _fwd_role(
             t2 = t2 / coef[:, None]
             z2 = tl.load(ks0 + idx, mask=f_ok, other=0.0) / coef
 
-    if CAUSAL:
-        n_q = tl.cdiv(LQ, C)
-    else:
-        # phase 1: the state over all keys
+    if not CAUSAL:  # phase 1: the state over all keys
         for ck in range(0, tl.cdiv(LK, C)):
             offs_j = ck * C + offs_c
             j_ok = offs_j < LK
@@ -156,39 +180,40 @@ def _fwd_role(
                 pad = tl.load(MASK + b * LK + offs_j, mask=j_ok, other=1)
                 key_ok = key_ok & (pad == 0)
             kf = key_ok.to(tl.float32)
-            v = tl.load(Vb + offs_j[:, None] * DV + offs_v[None, :], mask=j_ok[:, None] & v_ok[None, :], other=0.0)
-            v = v.to(tl.float32)
+            k = _tile(Kb, offs_j, j_ok, offs_d, D) * kf[:, None]
+            v = _tile(Vb, offs_j, j_ok, offs_v, DV)
             if BASE:
-                k = _gather(Kb, offs_j, j_ok, offs_d, D) * kf[:, None]
                 t0 += tl.sum(v * kf[:, None], 0)
                 z0 += tl.sum(kf, 0)
                 t1 += mm(tl.trans(k), v, MODE)
                 z1 += tl.sum(k, 0)
             if QUAD:
-                pkt = _gather_t(Kb, offs_j, j_ok, fa, D) * _gather_t(Kb, offs_j, j_ok, fb, D) * kf[None, :]
+                if A == BD:
+                    kr = k
+                else:
+                    kr = _tile(Kb, offs_j, j_ok, offs_r, D) * kf[:, None]
+                pkt = _phi2_t(kr, k)
                 t2 += mm(pkt, v, MODE)
                 z2 += tl.sum(pkt, 1)
-        n_q = tl.cdiv(LQ, C)
 
-    for cq in range(0, n_q):
+    for cq in range(0, tl.cdiv(LQ, C)):
         offs_i = cq * C + offs_c
         i_ok = offs_i < LQ
+        q = _tile(Qb, offs_i, i_ok, offs_d, D)
         num = tl.zeros([C, BDV], dtype=tl.float32)
         den = tl.zeros([C], dtype=tl.float32)
-        if CAUSAL:
+        if CAUSAL:  # this chunk's keys sit at the queries' positions
             key_ok = i_ok
             if HAS_MASK:
                 pad = tl.load(MASK + b * LK + offs_i, mask=i_ok, other=1)
                 key_ok = key_ok & (pad == 0)
             kf = key_ok.to(tl.float32)
-            v = tl.load(Vb + offs_i[:, None] * DV + offs_v[None, :], mask=i_ok[:, None] & v_ok[None, :], other=0.0)
-            v = v.to(tl.float32)
+            k = _tile(Kb, offs_i, i_ok, offs_d, D) * kf[:, None]
+            v = _tile(Vb, offs_i, i_ok, offs_v, DV)
         if BASE:
-            q = _gather(Qb, offs_i, i_ok, offs_d, D)
             num += t0[None, :] + scale * mm(q, t1, MODE)
             den += z0 + scale * tl.sum(q * z1[None, :], 1)
             if CAUSAL:
-                k = _gather(Kb, offs_i, i_ok, offs_d, D) * kf[:, None]
                 s = mm(q, tl.trans(k), MODE) * scale
                 valid = (offs_c[None, :] <= offs_c[:, None]) & key_ok[None, :]
                 p = tl.where(valid, 1.0 + s * (1.0 + 0.5 * s), 0.0)
@@ -199,11 +224,19 @@ def _fwd_role(
                 t1 += mm(tl.trans(k), v, MODE)
                 z1 += tl.sum(k, 0)
         if QUAD:
-            pq = _gather(Qb, offs_i, i_ok, fa, D) * _gather(Qb, offs_i, i_ok, fb, D)
+            if A == BD:
+                qr = q
+            else:
+                qr = _tile(Qb, offs_i, i_ok, offs_r, D)
+            pq = _phi2(qr, q)
             num += half_s2 * mm(pq, t2, MODE)
             den += half_s2 * tl.sum(pq * z2[None, :], 1)
             if CAUSAL:
-                pkt = _gather_t(Kb, offs_i, i_ok, fa, D) * _gather_t(Kb, offs_i, i_ok, fb, D) * kf[None, :]
+                if A == BD:
+                    kr = k
+                else:
+                    kr = _tile(Kb, offs_i, i_ok, offs_r, D) * kf[:, None]
+                pkt = _phi2_t(kr, k)
                 t2 += mm(pkt, v, MODE)
                 z2 += tl.sum(pkt, 1)
         o_off = bh * LQ * DV + offs_i[:, None] * DV + offs_v[None, :]
@@ -269,7 +302,7 @@ def _bwd_dq_role(
     bh, b, pid_v, row0, scale, LQ, LK,
     D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, A: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BASE: tl.constexpr, QUAD: tl.constexpr,
-    ATOMIC: tl.constexpr, MODE: tl.constexpr, FMODE: tl.constexpr,
+    ATOMIC: tl.constexpr, MODE: tl.constexpr,
 ):
     BF: tl.constexpr = A * BD
     offs_c = tl.arange(0, C)
@@ -280,11 +313,13 @@ def _bwd_dq_role(
     fb = offs_f % BD
     d_ok = offs_d < D
     v_ok = offs_v < DV
-    sel = (fa[:, None] == offs_d[None, :]).to(tl.float32)  # E[(a,b), c] = (a == c)
+    offs_r = row0 + tl.arange(0, A)
+    r_ok = offs_r < D
     first = (pid_v == 0).to(tl.float32)  # the delta terms are counted by the first value block only
     Qb = Q + bh * LQ * D
     Kb = K + bh * LK * D
     Vb = V + bh * LK * DV
+    DOb = DO + bh * LQ * DV
 
     t1 = tl.zeros([BD, BDV], dtype=tl.float32)
     z1 = tl.zeros([BD], dtype=tl.float32)
@@ -299,25 +334,27 @@ def _bwd_dq_role(
                 pad = tl.load(MASK + b * LK + offs_j, mask=j_ok, other=1)
                 key_ok = key_ok & (pad == 0)
             kf = key_ok.to(tl.float32)
-            v = tl.load(Vb + offs_j[:, None] * DV + offs_v[None, :], mask=j_ok[:, None] & v_ok[None, :], other=0.0)
-            v = v.to(tl.float32)
+            k = _tile(Kb, offs_j, j_ok, offs_d, D) * kf[:, None]
+            v = _tile(Vb, offs_j, j_ok, offs_v, DV)
             if BASE:
-                k = _gather(Kb, offs_j, j_ok, offs_d, D) * kf[:, None]
                 t1 += mm(tl.trans(k), v, MODE)
                 z1 += tl.sum(k, 0)
             if QUAD:
-                pkt = _gather_t(Kb, offs_j, j_ok, fa, D) * _gather_t(Kb, offs_j, j_ok, fb, D) * kf[None, :]
+                if A == BD:
+                    kr = k
+                else:
+                    kr = _tile(Kb, offs_j, j_ok, offs_r, D) * kf[:, None]
+                pkt = _phi2_t(kr, k)
                 t2 += mm(pkt, v, MODE)
                 z2 += tl.sum(pkt, 1)
 
     for cq in range(0, tl.cdiv(LQ, C)):
         offs_i = cq * C + offs_c
         i_ok = offs_i < LQ
-        q = _gather(Qb, offs_i, i_ok, offs_d, D)
-        do = tl.load(DO + bh * LQ * DV + offs_i[:, None] * DV + offs_v[None, :], mask=i_ok[:, None] & v_ok[None, :], other=0.0)
+        q = _tile(Qb, offs_i, i_ok, offs_d, D)
         rz = tl.load(RZ + bh * LQ + offs_i, mask=i_ok, other=0.0)
         dlt = tl.load(DELTA + bh * LQ + offs_i, mask=i_ok, other=0.0) * first
-        g = do.to(tl.float32) * rz[:, None]
+        g = _tile(DOb, offs_i, i_ok, offs_v, DV) * rz[:, None]
         dq = tl.zeros([C, BD], dtype=tl.float32)
         if CAUSAL:
             key_ok = i_ok
@@ -325,12 +362,11 @@ def _bwd_dq_role(
                 pad = tl.load(MASK + b * LK + offs_i, mask=i_ok, other=1)
                 key_ok = key_ok & (pad == 0)
             kf = key_ok.to(tl.float32)
-            v = tl.load(Vb + offs_i[:, None] * DV + offs_v[None, :], mask=i_ok[:, None] & v_ok[None, :], other=0.0)
-            v = v.to(tl.float32)
+            k = _tile(Kb, offs_i, i_ok, offs_d, D) * kf[:, None]
+            v = _tile(Vb, offs_i, i_ok, offs_v, DV)
         if BASE:
             dq += scale * (mm(g, tl.trans(t1), MODE) - dlt[:, None] * z1[None, :])
             if CAUSAL:
-                k = _gather(Kb, offs_i, i_ok, offs_d, D) * kf[:, None]
                 s = mm(q, tl.trans(k), MODE) * scale
                 valid = (offs_c[None, :] <= offs_c[:, None]) & key_ok[None, :]
                 dp = mm(g, tl.trans(v), MODE) - dlt[:, None]
@@ -340,17 +376,21 @@ def _bwd_dq_role(
                 z1 += tl.sum(k, 0)
         if QUAD:
             u = mm(g, tl.trans(t2), MODE) - dlt[:, None] * z2[None, :]  # [C, BF]
-            qb = _gather(Qb, offs_i, i_ok, fb, D)
-            dq += (scale * scale) * mm(u * qb, sel, FMODE)
+            dqr = (scale * scale) * _rows_dot(u, q, A)  # [C, A]: columns offs_r of dq
+            if A == BD:
+                dq += dqr
+            else:
+                _emit(DQ + bh * LQ * D + offs_i[:, None] * D + offs_r[None, :], dqr, i_ok[:, None] & r_ok[None, :], ATOMIC)
             if CAUSAL:
-                pkt = _gather_t(Kb, offs_i, i_ok, fa, D) * _gather_t(Kb, offs_i, i_ok, fb, D) * kf[None, :]
+                if A == BD:
+                    kr = k
+                else:
+                    kr = _tile(Kb, offs_i, i_ok, offs_r, D) * kf[:, None]
+                pkt = _phi2_t(kr, k)
                 t2 += mm(pkt, v, MODE)
                 z2 += tl.sum(pkt, 1)
-        cols_ok = d_ok
-        if ATOMIC:
-            if not BASE:  # a quadratic block only touches its own rows' columns of dq
-                cols_ok = cols_ok & (offs_d >= row0) & (offs_d < row0 + A)
-        _emit(DQ + bh * LQ * D + offs_i[:, None] * D + offs_d[None, :], dq, i_ok[:, None] & cols_ok[None, :], ATOMIC)
+        if BASE or A == BD:
+            _emit(DQ + bh * LQ * D + offs_i[:, None] * D + offs_d[None, :], dq, i_ok[:, None] & d_ok[None, :], ATOMIC)
 
 
 @triton.jit
@@ -359,7 +399,7 @@ def _bwd_dkdv_role(
     bh, b, pid_v, row0, scale, LQ, LK,
     D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, A: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BASE: tl.constexpr, QUAD: tl.constexpr,
-    ATOMIC: tl.constexpr, MODE: tl.constexpr, FMODE: tl.constexpr,
+    ATOMIC: tl.constexpr, MODE: tl.constexpr,
 ):
     BF: tl.constexpr = A * BD
     half_s2 = 0.5 * scale * scale
@@ -371,32 +411,37 @@ def _bwd_dkdv_role(
     fb = offs_f % BD
     d_ok = offs_d < D
     v_ok = offs_v < DV
-    sel = (fa[:, None] == offs_d[None, :]).to(tl.float32)
+    offs_r = row0 + tl.arange(0, A)
+    r_ok = offs_r < D
     first = (pid_v == 0).to(tl.float32)
     Qb = Q + bh * LQ * D
     Kb = K + bh * LK * D
     Vb = V + bh * LK * DV
+    DOb = DO + bh * LQ * DV
 
     r0 = tl.zeros([BDV], dtype=tl.float32)
     r1 = tl.zeros([BD, BDV], dtype=tl.float32)
     rd1 = tl.zeros([BD], dtype=tl.float32)
     r2 = tl.zeros([BF, BDV], dtype=tl.float32)
     rd2 = tl.zeros([BF], dtype=tl.float32)
-    if not CAUSAL:
+    if not CAUSAL:  # phase 1: the state over all queries
         for cq in range(0, tl.cdiv(LQ, C)):
             offs_i = cq * C + offs_c
             i_ok = offs_i < LQ
-            do = tl.load(DO + bh * LQ * DV + offs_i[:, None] * DV + offs_v[None, :], mask=i_ok[:, None] & v_ok[None, :], other=0.0)
+            q = _tile(Qb, offs_i, i_ok, offs_d, D)
             rz = tl.load(RZ + bh * LQ + offs_i, mask=i_ok, other=0.0)
             dlt = tl.load(DELTA + bh * LQ + offs_i, mask=i_ok, other=0.0) * first
-            g = do.to(tl.float32) * rz[:, None]
+            g = _tile(DOb, offs_i, i_ok, offs_v, DV) * rz[:, None]
             if BASE:
-                q = _gather(Qb, offs_i, i_ok, offs_d, D)
                 r0 += tl.sum(g, 0)
                 r1 += mm(tl.trans(q), g, MODE)
                 rd1 += tl.sum(q * dlt[:, None], 0)
             if QUAD:
-                pqt = _gather_t(Qb, offs_i, i_ok, fa, D) * _gather_t(Qb, offs_i, i_ok, fb, D)
+                if A == BD:
+                    qr = q
+                else:
+                    qr = _tile(Qb, offs_i, i_ok, offs_r, D)
+                pqt = _phi2_t(qr, q)
                 r2 += mm(pqt, g, MODE)
                 rd2 += tl.sum(pqt * dlt[None, :], 1)
 
@@ -413,21 +458,19 @@ def _bwd_dkdv_role(
             pad = tl.load(MASK + b * LK + offs_j, mask=j_ok, other=1)
             key_ok = key_ok & (pad == 0)
         kf = key_ok.to(tl.float32)
-        k = _gather(Kb, offs_j, j_ok, offs_d, D)
-        v = tl.load(Vb + offs_j[:, None] * DV + offs_v[None, :], mask=j_ok[:, None] & v_ok[None, :], other=0.0)
-        v = v.to(tl.float32)
+        k = _tile(Kb, offs_j, j_ok, offs_d, D)
+        v = _tile(Vb, offs_j, j_ok, offs_v, DV)
         dk = tl.zeros([C, BD], dtype=tl.float32)
         dv = tl.zeros([C, BDV], dtype=tl.float32)
         if CAUSAL:  # this chunk's queries (same positions as the keys)
-            do = tl.load(DO + bh * LQ * DV + offs_j[:, None] * DV + offs_v[None, :], mask=j_ok[:, None] & v_ok[None, :], other=0.0)
+            q = _tile(Qb, offs_j, j_ok, offs_d, D)
             rz = tl.load(RZ + bh * LQ + offs_j, mask=j_ok, other=0.0)
             dlt = tl.load(DELTA + bh * LQ + offs_j, mask=j_ok, other=0.0) * first
-            g = do.to(tl.float32) * rz[:, None]
+            g = _tile(DOb, offs_j, j_ok, offs_v, DV) * rz[:, None]
         if BASE:
             dv += r0[None, :] + scale * mm(k, r1, MODE)
             dk += scale * (mm(v, tl.trans(r1), MODE) - rd1[None, :])
             if CAUSAL:
-                q = _gather(Qb, offs_j, j_ok, offs_d, D)
                 st = mm(k, tl.trans(q), MODE) * scale  # [keys, queries]
                 valid = (offs_c[None, :] >= offs_c[:, None]) & key_ok[:, None]
                 pt = tl.where(valid, 1.0 + st * (1.0 + 0.5 * st), 0.0)
@@ -439,22 +482,30 @@ def _bwd_dkdv_role(
                 r1 += mm(tl.trans(q), g, MODE)
                 rd1 += tl.sum(q * dlt[:, None], 0)
         if QUAD:
-            kb = _gather(Kb, offs_j, j_ok, fb, D)
-            pk = _gather(Kb, offs_j, j_ok, fa, D) * kb
+            if A == BD:
+                kr = k
+            else:
+                kr = _tile(Kb, offs_j, j_ok, offs_r, D)
+            pk = _phi2(kr, k)
             dv += half_s2 * mm(pk, r2, MODE)
             w = mm(v, tl.trans(r2), MODE) - rd2[None, :]  # [C, BF]
-            dk += (scale * scale) * mm(w * kb, sel, FMODE)
+            dkr = (scale * scale) * _rows_dot(w, k, A) * kf[:, None]  # [C, A]: columns offs_r of dk
+            if A == BD:
+                dk += dkr
+            else:
+                _emit(DK + bh * LK * D + offs_j[:, None] * D + offs_r[None, :], dkr, j_ok[:, None] & r_ok[None, :], ATOMIC)
             if CAUSAL:
-                pqt = _gather_t(Qb, offs_j, j_ok, fa, D) * _gather_t(Qb, offs_j, j_ok, fb, D)
+                if A == BD:
+                    qr = q
+                else:
+                    qr = _tile(Qb, offs_j, j_ok, offs_r, D)
+                pqt = _phi2_t(qr, q)
                 r2 += mm(pqt, g, MODE)
                 rd2 += tl.sum(pqt * dlt[None, :], 1)
         dk = dk * kf[:, None]
         dv = dv * kf[:, None]
-        cols_ok = d_ok
-        if ATOMIC:
-            if not BASE:
-                cols_ok = cols_ok & (offs_d >= row0) & (offs_d < row0 + A)
-        _emit(DK + bh * LK * D + offs_j[:, None] * D + offs_d[None, :], dk, j_ok[:, None] & cols_ok[None, :], ATOMIC)
+        if BASE or A == BD:
+            _emit(DK + bh * LK * D + offs_j[:, None] * D + offs_d[None, :], dk, j_ok[:, None] & d_ok[None, :], ATOMIC)
         _emit(DVO + bh * LK * DV + offs_j[:, None] * DV + offs_v[None, :], dv, j_ok[:, None] & v_ok[None, :], ATOMIC)
 
 
@@ -463,7 +514,7 @@ def _chunk_bwd_kernel(
     Q, K, V, MASK, DO, DELTA, RZ, DQ, DK, DVO,
     scale, LQ, LK, H,
     D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, A: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, FUSED: tl.constexpr, MODE: tl.constexpr, FMODE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, FUSED: tl.constexpr, MODE: tl.constexpr,
 ):
     """Axis 2 = 2 * role + direction (direction 0: dq, 1: dk and dv); role 0 = base, role r > 0 = quad rows."""
     pid_v = tl.program_id(0)
@@ -475,24 +526,24 @@ def _chunk_bwd_kernel(
     if FUSED:
         if job == 0:
             _bwd_dq_role(Q, K, V, MASK, DO, DELTA, RZ, DQ, bh, b, pid_v, 0, scale, LQ, LK,
-                         D, DV, C, BD, BDV, A, CAUSAL, HAS_MASK, True, True, False, MODE, FMODE)
+                         D, DV, C, BD, BDV, A, CAUSAL, HAS_MASK, True, True, False, MODE)
         else:
             _bwd_dkdv_role(Q, K, V, MASK, DO, DELTA, RZ, DK, DVO, bh, b, pid_v, 0, scale, LQ, LK,
-                           D, DV, C, BD, BDV, A, CAUSAL, HAS_MASK, True, True, False, MODE, FMODE)
+                           D, DV, C, BD, BDV, A, CAUSAL, HAS_MASK, True, True, False, MODE)
     else:
         row0 = tl.maximum(role - 1, 0) * A
         if job == 0:
             _bwd_dq_role(Q, K, V, MASK, DO, DELTA, RZ, DQ, bh, b, pid_v, row0, scale, LQ, LK,
-                         D, DV, C, BD, BDV, A, CAUSAL, HAS_MASK, True, False, True, MODE, FMODE)
+                         D, DV, C, BD, BDV, A, CAUSAL, HAS_MASK, True, False, True, MODE)
         elif job == 1:
             _bwd_dkdv_role(Q, K, V, MASK, DO, DELTA, RZ, DK, DVO, bh, b, pid_v, row0, scale, LQ, LK,
-                           D, DV, C, BD, BDV, A, CAUSAL, HAS_MASK, True, False, True, MODE, FMODE)
+                           D, DV, C, BD, BDV, A, CAUSAL, HAS_MASK, True, False, True, MODE)
         elif job % 2 == 0:
             _bwd_dq_role(Q, K, V, MASK, DO, DELTA, RZ, DQ, bh, b, pid_v, row0, scale, LQ, LK,
-                         D, DV, C, BD, BDV, A, CAUSAL, HAS_MASK, False, True, True, MODE, FMODE)
+                         D, DV, C, BD, BDV, A, CAUSAL, HAS_MASK, False, True, True, MODE)
         else:
             _bwd_dkdv_role(Q, K, V, MASK, DO, DELTA, RZ, DK, DVO, bh, b, pid_v, row0, scale, LQ, LK,
-                           D, DV, C, BD, BDV, A, CAUSAL, HAS_MASK, False, True, True, MODE, FMODE)
+                           D, DV, C, BD, BDV, A, CAUSAL, HAS_MASK, False, True, True, MODE)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -512,30 +563,35 @@ def _n_quad_blocks(d: int, rows: int) -> int:
 
 
 def chunk_config(d: int, dv: int, *, backward: bool, programs: int = 1 << 30, chunk: Optional[int] = None,
-                 fused: Optional[bool] = None) -> ChunkConfig:
-    """Block sizes and mode for the chunked kernels (``programs`` = B*H, used to fill the GPU)."""
+                 fused: Optional[bool] = None, block_dv: Optional[int] = None,
+                 num_warps: Optional[int] = None) -> ChunkConfig:
+    """Block sizes and mode for the chunked kernels (``programs`` = B*H, used to fill the GPU).
+
+    ``chunk``, ``fused``, ``block_dv``, ``num_warps`` override the defaults (tests and tuning)."""
     bd = block_dim(d)
     bdv_full = block_dim(dv)
     can_fuse = bd * bd <= FUSED_MAX_FEATURES
     if backward:
-        # the fused backward needs all of Dv in one program (dq sums over Dv)
-        can_fuse = can_fuse and bdv_full <= MAX_BLOCK_DV
-        block_dv = bdv_full if can_fuse else min(MAX_BLOCK_DV, bdv_full)
-        want_fused = can_fuse
-        c = chunk or 32
+        can_fuse = can_fuse and bdv_full <= BWD_MAX_BLOCK_DV
+        want_fused = can_fuse if fused is None else (fused and can_fuse)
+        bdv = bdv_full if want_fused else min(BWD_MAX_BLOCK_DV, bdv_full)
+        c = chunk or BWD_CHUNK
     else:
-        block_dv = min(MAX_BLOCK_DV, bdv_full)
-        while block_dv > 16 and programs * triton.cdiv(dv, block_dv) < MIN_PROGRAMS:
-            block_dv //= 2
-        want_fused = can_fuse and programs * triton.cdiv(dv, block_dv) >= MIN_PROGRAMS // 2
-        c = chunk or 64
-    if fused is not None:
-        want_fused = fused and can_fuse
+        bdv = min(FWD_BLOCK_DV, bdv_full)
+        while bdv > 16 and programs * triton.cdiv(dv, bdv) < MIN_PROGRAMS:
+            bdv //= 2
+        want_fused = can_fuse and programs * triton.cdiv(dv, bdv) >= MIN_PROGRAMS // 2
+        if fused is not None:
+            want_fused = fused and can_fuse
+        c = chunk or FWD_CHUNK
+    if block_dv is not None and not (backward and want_fused):
+        bdv = block_dv
     rows = bd if want_fused else max(1, SPLIT_BLOCK_FEATURES // bd)
     if not want_fused and rows >= d:  # keep the split real: at least two quadratic blocks
         rows = max(1, next_lower_pow2(max(1, d - 1)))
-    warps = 8 if (rows * bd) * block_dv >= 256 * 64 or c * rows * bd >= 64 * 256 else 4
-    return ChunkConfig(c, bd, block_dv, rows, want_fused, warps)
+    features = rows * bd
+    warps = num_warps or (8 if features * bdv > 256 * 32 else 4)
+    return ChunkConfig(c, bd, bdv, rows, want_fused, warps)
 
 
 def next_lower_pow2(n: int) -> int:
@@ -551,7 +607,8 @@ def _mask_arg(key_padding_mask, dummy):
 def chunk_fwd(
     q, k, v, key_padding_mask, causal: bool, scale: float, *,
     initial_state: Optional[tuple] = None, write_state: bool = False,
-    chunk: Optional[int] = None, fused: Optional[bool] = None,
+    chunk: Optional[int] = None, fused: Optional[bool] = None, block_dv: Optional[int] = None,
+    num_warps: Optional[int] = None,
 ):
     """``(out, Z)`` (and ``kv, k_sum`` when ``write_state``) by the chunked linear form.
 
@@ -561,9 +618,10 @@ def chunk_fwd(
 
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, h, lq, d = q.shape
-    lk, dv = k.shape[2], v.shape[3]
+    lk, d, dv = k.shape[2], int(d), int(v.shape[3])  # head dims are specialized (constexpr)
     m = feature_dim(d)
-    cfg = chunk_config(d, dv, backward=False, programs=b * h, chunk=chunk, fused=fused)
+    cfg = chunk_config(d, dv, backward=False, programs=int(b * h), chunk=chunk, fused=fused, block_dv=block_dv,
+                       num_warps=num_warps)
     mask, has_mask = _mask_arg(key_padding_mask, q)
     n_roles = 1 if cfg.fused else 1 + _n_quad_blocks(d, cfg.rows)
     if initial_state is not None:
@@ -589,7 +647,7 @@ def chunk_fwd(
         scale, math.sqrt(scale), lq, lk, h, m,
         D=d, DV=dv, C=cfg.chunk, BD=cfg.block_d, BDV=cfg.block_dv, A=cfg.rows,
         CAUSAL=causal, HAS_MASK=has_mask, HAS_INIT=initial_state is not None, WRITE_STATE=write_state,
-        FUSED=cfg.fused, MODE=dot_mode(q.dtype), num_warps=cfg.num_warps, num_stages=1,
+        FUSED=cfg.fused, MODE=dot_mode(q.dtype, chunked=True), num_warps=cfg.num_warps, num_stages=1,
     )
     if not cfg.fused:
         seen = den != 0
@@ -600,15 +658,17 @@ def chunk_fwd(
 
 
 def chunk_bwd(grad_out, q, k, v, key_padding_mask, out, den, causal: bool, scale: float, *,
-              chunk: Optional[int] = None, fused: Optional[bool] = None):
+              chunk: Optional[int] = None, fused: Optional[bool] = None, block_dv: Optional[int] = None,
+              num_warps: Optional[int] = None):
     """``(dq, dk, dv)`` in the inputs' dtype by the chunked linear form (see the module docstring)."""
     from torch.library import wrap_triton
 
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     grad_out, out = grad_out.contiguous(), out.contiguous()
     b, h, lq, d = q.shape
-    lk, dv = k.shape[2], v.shape[3]
-    cfg = chunk_config(d, dv, backward=True, programs=b * h, chunk=chunk, fused=fused)
+    lk, d, dv = k.shape[2], int(d), int(v.shape[3])  # head dims are specialized (constexpr)
+    cfg = chunk_config(d, dv, backward=True, programs=int(b * h), chunk=chunk, fused=fused, block_dv=block_dv,
+                       num_warps=num_warps)
     mask, has_mask = _mask_arg(key_padding_mask, q)
     delta, rz = bwd_preprocess(out, grad_out, den)
     if cfg.fused:
@@ -621,13 +681,12 @@ def chunk_bwd(grad_out, q, k, v, key_padding_mask, out, den, causal: bool, scale
         dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
         dvv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
         n_jobs = 2 * (1 + _n_quad_blocks(d, cfg.rows))
-    mode = dot_mode(q.dtype)
     grid = (triton.cdiv(dv, cfg.block_dv), b * h, n_jobs)
     wrap_triton(_chunk_bwd_kernel)[grid](
         q, k, v, mask, grad_out, delta, rz, dq, dk, dvv,
         scale, lq, lk, h,
         D=d, DV=dv, C=cfg.chunk, BD=cfg.block_d, BDV=cfg.block_dv, A=cfg.rows,
-        CAUSAL=causal, HAS_MASK=has_mask, FUSED=cfg.fused, MODE=mode, FMODE=0 if mode == 0 else 2,
+        CAUSAL=causal, HAS_MASK=has_mask, FUSED=cfg.fused, MODE=dot_mode(q.dtype, chunked=True),
         num_warps=cfg.num_warps, num_stages=1,
     )
     if not cfg.fused:

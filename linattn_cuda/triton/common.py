@@ -33,10 +33,12 @@ __all__ = [
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # MODE values (a tl.constexpr of every kernel): how tl.dot operands are formed.
-MODE_IEEE = 0  # float32 inputs: float32 operands, input_precision="ieee" (no TF32 rounding)
+MODE_IEEE = 0  # float32 inputs: float32 operands, input_precision="ieee" (FMAs, no TF32 rounding)
 MODE_BF16 = 1  # bfloat16 inputs: operands (incl. float32 intermediates such as P) cast to bfloat16
 MODE_TF32 = 2  # float16 inputs: float32 operands, TF32 tensor cores (fp16 values are exact in TF32 and
 #                P = 1 + s + s^2/2 may exceed the float16 range, so it is never cast to float16)
+MODE_TF32X3 = 3  # float32 inputs of the chunked kernels: input_precision="tf32x3", float32-accurate on tensor
+#                  cores ("ieee" FMAs spill heavily with their [256, Dv] states)
 
 
 def poison_outputs() -> bool:
@@ -61,9 +63,9 @@ def block_dim(n: int) -> int:
     return max(16, next_pow2(n))
 
 
-def dot_mode(dtype: torch.dtype) -> int:
+def dot_mode(dtype: torch.dtype, chunked: bool = False) -> int:
     if dtype == torch.float32:
-        return MODE_IEEE
+        return MODE_TF32X3 if chunked else MODE_IEEE
     if dtype == torch.bfloat16:
         # The interpreter multiplies bfloat16 as raw uint16 bits (Triton 3.8), so it gets float32 operands.
         return MODE_TF32 if INTERPRET else MODE_BF16
@@ -79,6 +81,8 @@ def mm(a, b, MODE: tl.constexpr):
         c = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     elif MODE == 2:
         c = tl.dot(a.to(tl.float32), b.to(tl.float32))
+    elif MODE == 3:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
     else:
         c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return c
