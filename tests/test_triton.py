@@ -20,7 +20,7 @@ import torch
 from linattn_cuda import reference as ref
 from linattn_cuda.feature_map import feature_dim
 
-from triton_cases import Case, check_close, make_inputs, reference_fwd_bwd
+from triton_cases import CI_CASES, GPU_CASES, PREFILL_CASES, STEP_CASES, Case, check_close, make_inputs, reference_fwd_bwd
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -76,27 +76,7 @@ def check_case(case: Case):
 # ------------------------------------------------------------------------------------------------------
 # forward + backward of every kernel at small odd shapes (CPU interpreter on CI; also run on a GPU)
 # ------------------------------------------------------------------------------------------------------
-CI_CASES = [
-    # quadratic form
-    Case(2, 2, 17, 33, 16, 24, causal=False, mask="random"),
-    Case(2, 2, 65, 65, 24, 16, causal=True, mask="fullrow"),
-    Case(1, 2, 1, 1, 16, 16, causal=True),
-    Case(2, 1, 63, 5, 1, 8, causal=False, mask="fullrow"),
-    Case(1, 2, 63, 63, 16, 64, causal=True, dtype=BF16),
-    Case(2, 1, 17, 40, 8, 24, causal=False, mask="random", dtype=F16),
-    # chunked form through the op (small B*H: the split mode with atomics)
-    Case(2, 2, 65, 65, 16, 24, causal=True, mask="random", form="chunk"),
-    Case(2, 2, 17, 40, 16, 24, causal=False, mask="fullrow", form="chunk"),
-    Case(1, 1, 1, 1, 16, 16, causal=True, form="chunk"),
-    Case(1, 2, 40, 40, 24, 16, causal=True, mask="fullrow", form="chunk"),
-    Case(1, 2, 63, 63, 16, 64, causal=True, dtype=BF16, form="chunk"),
-    Case(2, 1, 33, 17, 5, 24, causal=False, mask="random", dtype=F16, form="chunk"),
-    # chunked form, forced modes and several chunks per sequence
-    Case(2, 2, 65, 65, 16, 24, causal=True, mask="fullrow", form="chunk", fused=True, chunk=16),
-    Case(2, 1, 17, 40, 16, 40, causal=False, mask="random", form="chunk", fused=True, chunk=16),
-    Case(1, 2, 33, 33, 5, 24, causal=True, mask="random", dtype=BF16, form="chunk", fused=True, chunk=16),
-    Case(1, 2, 49, 49, 3, 24, causal=True, mask="random", form="chunk", fused=False, chunk=16),
-]
+
 
 
 @pytest.mark.parametrize("case", CI_CASES, ids=[c.id for c in CI_CASES])
@@ -142,12 +122,7 @@ def test_api_noncontiguous_and_grad():
 # ------------------------------------------------------------------------------------------------------
 # prefill (state out, optional state in) and the decoding step
 # ------------------------------------------------------------------------------------------------------
-PREFILL_CASES = [
-    Case(2, 2, 37, 37, 16, 24, causal=True, mask="random", form="chunk", fused=True, chunk=16),
-    Case(2, 2, 37, 37, 16, 24, causal=True, mask="random", form="chunk", fused=False, chunk=16),
-    Case(1, 2, 20, 20, 24, 40, causal=True, form="chunk"),
-    Case(2, 1, 9, 9, 1, 3, causal=True, mask="random", dtype=BF16, form="chunk"),
-]
+
 
 
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=[c.id for c in PREFILL_CASES])
@@ -175,7 +150,7 @@ def test_prefill_state(case):
     check_close("k_sum", ks2, st.k_sum, case_id=case.id)
 
 
-@pytest.mark.parametrize("d,dv,dtype", [(16, 24, F32), (1, 3, F32), (5, 70, BF16), (24, 16, F16)])
+@pytest.mark.parametrize("d,dv,dtype", STEP_CASES)
 def test_step(d, dv, dtype):
     """One fused decoding step == the reference step, from a random float32 state."""
     g = torch.Generator().manual_seed(d * 1000 + dv)
@@ -268,25 +243,7 @@ def test_kernels_compile_for_sm90():
 # ------------------------------------------------------------------------------------------------------
 # GPU only: real sizes, opcheck, torch.compile
 # ------------------------------------------------------------------------------------------------------
-GPU_CASES = [
-    # the benchmark shape family (bf16, D=16, Dv=64), both forms, causal and not, fused chunk mode
-    Case(4, 4, 4097, 4097, 16, 64, causal=True, dtype=BF16, form="parallel"),
-    Case(4, 4, 4097, 4097, 16, 64, causal=True, dtype=BF16, form="chunk", fused=True),
-    Case(4, 4, 4097, 4097, 16, 64, causal=False, mask="random", dtype=BF16, form="chunk", fused=True),
-    Case(2, 3, 1000, 1500, 16, 64, causal=False, mask="fullrow", dtype=BF16, form="parallel"),
-    # B=1 prefill-like shape: the split chunk mode (atomics)
-    Case(1, 4, 4097, 4097, 16, 64, causal=True, mask="random", dtype=BF16, form="chunk"),
-    # head dims: 64 / 128 and Dv 256 (quadratic; chunk once at D=64)
-    Case(2, 4, 1000, 1000, 64, 64, causal=True, mask="random", dtype=BF16, form="parallel"),
-    Case(2, 2, 1025, 1025, 128, 256, causal=False, dtype=BF16, form="parallel"),
-    Case(1, 2, 1000, 1000, 64, 64, causal=True, dtype=BF16, form="chunk"),
-    Case(2, 2, 2049, 2049, 16, 256, causal=True, dtype=BF16, form="chunk"),
-    # float16 / float32
-    Case(2, 4, 2049, 2049, 16, 64, causal=True, mask="random", dtype=F16, form="chunk", fused=True),
-    Case(2, 4, 2049, 2049, 64, 64, causal=False, dtype=F16, form="parallel"),
-    Case(2, 2, 1000, 1000, 16, 64, causal=True, dtype=F32, form="chunk", fused=True),
-    Case(2, 2, 1000, 1000, 128, 64, causal=True, dtype=F32, form="parallel"),
-]
+
 
 
 @gpu

@@ -7,14 +7,16 @@ ptxas, all bundled with the triton wheel) for the chosen architectures, reportin
 registers and spills. A compile error, or shared memory above the architecture's limit, is a failure.
 
     python tests/triton_compile_check.py               # the CI set (bench shapes, a few variants)
-    python tests/triton_compile_check.py --full        # every launch the GPU tests make
+    python tests/triton_compile_check.py --full        # every launch of the GPU tests and the benchmark
     python tests/triton_compile_check.py --arch 90 80
+    python tests/triton_compile_check.py --warm-cuda -j 12  # GPU machine: fill Triton's cache in parallel
 
 Must run without TRITON_INTERPRET (the test runs it in a subprocess with it removed).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -28,7 +30,8 @@ import torch
 import triton
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ (triton_cases)
 
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 _TYPES = {
@@ -79,42 +82,55 @@ def _signature(kernel, args, kwargs):
     return sig, constexprs, options
 
 
-def capture(cases) -> list:
-    """Run the launchers on fake CUDA tensors; return the distinct launches [(kernel, sig, constexprs, options)]."""
-    import torch.library
-
-    from linattn_cuda.triton import chunk, parallel, step
+def _launch_case(kind, c, opts, device):
+    """Run the launchers of one case on ``device`` (fake CUDA tensors when capturing)."""
     from linattn_cuda.feature_map import feature_dim
+    from linattn_cuda.triton import chunk, parallel, step
+
+    def t(*shape, dtype=c.dtype):
+        return torch.randn(*shape, device=device).to(dtype)
+
+    q, k, v = t(c.b, c.h, c.lq, c.d), t(c.b, c.h, c.lk, c.d), t(c.b, c.h, c.lk, c.dv)
+    kpm = torch.zeros(c.b, c.lk, dtype=torch.bool, device=device) if c.mask != "none" else None
+    m = feature_dim(c.d)
+    st = (t(c.b, c.h, m, c.dv, dtype=torch.float32), t(c.b, c.h, m, dtype=torch.float32).abs() + 1)
+    copts = dict(chunk=c.chunk, fused=c.fused)
+    if kind == "fwd_bwd" and c.form == "parallel":
+        out, den = parallel.parallel_fwd(q, k, v, kpm, c.causal, c.scale)
+        parallel.parallel_bwd(out, q, k, v, kpm, out, den, c.causal, c.scale)
+    elif kind == "fwd_bwd":
+        out, den = chunk.chunk_fwd(q, k, v, kpm, c.causal, c.scale, **copts)
+        chunk.chunk_bwd(out, q, k, v, kpm, out, den, c.causal, c.scale, **copts)
+    elif kind == "prefill":
+        chunk.chunk_fwd(q, k, v, kpm, True, c.scale, write_state=True, **copts)
+        chunk.chunk_fwd(q, k, v, kpm, True, c.scale, initial_state=st, write_state=True, **copts)
+    elif kind == "step":
+        step.step_fwd(q[:, :, 0], k[:, :, 0], v[:, :, 0], st[0], st[1], c.scale)
+    elif kind == "chunk_fwd":
+        chunk.chunk_fwd(q, k, v, kpm, c.causal, c.scale, **opts)
+    elif kind == "chunk_bwd":
+        out = t(c.b, c.h, c.lq, c.dv)
+        den = t(c.b, c.h, c.lq, dtype=torch.float32).abs() + 1
+        chunk.chunk_bwd(out, q, k, v, kpm, out, den, c.causal, c.scale, **opts)
+    else:
+        raise ValueError(kind)
+
+
+def capture(cases) -> list:
+    """Run the launchers on fake CUDA tensors; return the distinct launches [(kernel, sig, constexprs, options)].
+
+    A case is ``(kind, Case, options)``: kind "fwd_bwd" (the form and chunk options of the Case),
+    "prefill" (two-part chunked prefill: state out, then state in), "step", or "chunk_fwd"/"chunk_bwd"
+    with explicit launcher options (the benchmark's sweep)."""
+    import torch.library
 
     real = torch.library.wrap_triton
     torch.library.wrap_triton = _Recorder
     _Recorder.launches = []
     try:
         with FakeTensorMode():
-            for case in cases:
-                kind, b, h, lq, lk, d, dv, dtype, causal, masked, extra = case
-                dev = "cuda"
-                q = torch.empty(b, h, lq, d, dtype=dtype, device=dev)
-                k = torch.empty(b, h, lk, d, dtype=dtype, device=dev)
-                v = torch.empty(b, h, lk, dv, dtype=dtype, device=dev)
-                kpm = torch.zeros(b, lk, dtype=torch.bool, device=dev) if masked else None
-                if kind == "parallel":
-                    out, den = parallel.parallel_fwd(q, k, v, kpm, causal, 0.25)
-                    parallel.parallel_bwd(out, q, k, v, kpm, out, den, causal, 0.25)
-                elif kind == "chunk":
-                    out, den = chunk.chunk_fwd(q, k, v, kpm, causal, 0.25, **extra)
-                    bwd_extra = {key: val for key, val in extra.items() if key in ("fused",)}
-                    chunk.chunk_bwd(out, q, k, v, kpm, out, den, causal, 0.25, **bwd_extra)
-                elif kind == "prefill":
-                    m = feature_dim(d)
-                    st = (torch.empty(b, h, m, dv, device=dev), torch.empty(b, h, m, device=dev))
-                    chunk.chunk_fwd(q, k, v, kpm, True, 0.25, initial_state=st, write_state=True, **extra)
-                elif kind == "step":
-                    m = feature_dim(d)
-                    st = (torch.empty(b, h, m, dv, device=dev), torch.empty(b, h, m, device=dev))
-                    step.step_fwd(q[:, :, 0], k[:, :, 0], v[:, :, 0], st[0], st[1], 0.25)
-                else:
-                    raise ValueError(kind)
+            for kind, c, opts in cases:
+                _launch_case(kind, c, opts, "cuda")
     finally:
         torch.library.wrap_triton = real
     seen, out = set(), []
@@ -125,6 +141,33 @@ def capture(cases) -> list:
             seen.add(key)
             out.append((kernel, sig, constexprs, options))
     return out
+
+
+def _warm_worker(cases):
+    failures = []
+    for kind, c, opts in cases:
+        try:
+            _launch_case(kind, c, opts, "cuda")
+        except Exception as exc:  # noqa: BLE001 - report, the tests will pinpoint it
+            failures.append(f"{kind} {c.id} {opts}: {type(exc).__name__}: {str(exc)[:300]}")
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return failures
+
+
+def warm_cuda(cases, jobs: int) -> int:
+    """Compile (and launch once, on random data) every case's kernels on the local GPU in ``jobs`` worker
+    processes: Triton's on-disk cache then serves the tests and the benchmark without compiling."""
+    import multiprocessing as mp
+
+    t0 = time.time()
+    parts = [cases[i::jobs] for i in range(jobs)]
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        failures = [f for part in pool.map(_warm_worker, parts) for f in part]
+    for f in failures:
+        print("FAIL", f)
+    print(f"warmed {len(cases)} cases in {time.time() - t0:.1f}s with {jobs} processes; {len(failures)} failure(s)")
+    return 1 if failures else 0
 
 
 def compile_one(kernel, sig, constexprs, options, arch: int):
@@ -151,30 +194,43 @@ def compile_one(kernel, sig, constexprs, options, arch: int):
 
 
 def ci_cases():
-    bf16, f32 = torch.bfloat16, torch.float32
+    """The benchmark shape (fused chunk path, both directions), the few-program split path, prefill, step,
+    and one float32 chunk case (tf32x3 dots)."""
+    from triton_cases import BF16, F32, Case
+
     return [
-        # the benchmark shape (fused chunk path) and the few-program split path, both directions
-        ("parallel", 16, 16, 1024, 1024, 16, 64, bf16, True, False, {}),
-        ("parallel", 2, 2, 100, 77, 16, 64, bf16, False, True, {}),
-        ("chunk", 16, 16, 1024, 1024, 16, 64, bf16, True, False, {}),
-        ("chunk", 16, 16, 1024, 1024, 16, 64, bf16, False, False, {}),
-        ("chunk", 1, 4, 1024, 1024, 16, 64, bf16, True, True, {}),
-        ("prefill", 1, 4, 1000, 1000, 16, 64, bf16, True, False, {}),
-        ("step", 64, 16, 1, 1, 16, 64, bf16, True, False, {}),
-        ("chunk", 2, 2, 100, 100, 16, 64, f32, True, False, {"fused": True}),
+        ("fwd_bwd", Case(16, 16, 1024, 1024, 16, 64, causal=True, dtype=BF16), {}),
+        ("fwd_bwd", Case(2, 2, 100, 77, 16, 64, causal=False, mask="random", dtype=BF16), {}),
+        ("fwd_bwd", Case(16, 16, 1024, 1024, 16, 64, causal=True, dtype=BF16, form="chunk"), {}),
+        ("fwd_bwd", Case(16, 16, 1024, 1024, 16, 64, causal=False, dtype=BF16, form="chunk"), {}),
+        ("fwd_bwd", Case(1, 4, 1024, 1024, 16, 64, causal=True, mask="random", dtype=BF16, form="chunk"), {}),
+        ("prefill", Case(1, 4, 1000, 1000, 16, 64, causal=True, dtype=BF16, form="chunk"), {}),
+        ("step", Case(64, 16, 1, 1, 16, 64, causal=True, dtype=BF16), {}),
+        ("fwd_bwd", Case(2, 2, 100, 100, 16, 64, causal=True, dtype=F32, form="chunk", fused=True), {}),
     ]
 
 
 def full_cases():
-    cases = list(ci_cases())
-    for dtype in (torch.float16, torch.float32, torch.bfloat16):
-        for d, dv in ((16, 64), (64, 64), (128, 256), (24, 40), (1, 16)):
-            for causal in (True, False):
-                cases.append(("parallel", 2, 4, 300, 300, d, dv, dtype, causal, True, {}))
-                cases.append(("chunk", 2, 4, 300, 300, d, dv, dtype, causal, True, {}))
-                cases.append(("chunk", 64, 16, 300, 300, d, dv, dtype, causal, False, {}))
-            cases.append(("prefill", 2, 4, 300, 300, d, dv, dtype, True, False, {}))
-            cases.append(("step", 2, 4, 1, 1, d, dv, dtype, True, False, {}))
+    """Every launch of the GPU tests (tests/test_triton.py on CUDA) and of bench/triton_gpu_bench.py."""
+    from triton_cases import BF16, CI_CASES, GPU_CASES, PREFILL_CASES, STEP_CASES, Case
+
+    cases = [("fwd_bwd", c, {}) for c in CI_CASES + GPU_CASES]
+    cases += [("prefill", c, {}) for c in PREFILL_CASES]
+    cases += [("prefill", Case(1, 8, 3000, 3000, 16, 64, causal=True, dtype=BF16, form="chunk"), {})]
+    opcheck = Case(2, 2, 70, 70, 16, 32, causal=True, mask="random", dtype=BF16, form="chunk")
+    cases += [("fwd_bwd", dataclasses.replace(opcheck, form=f), {}) for f in ("parallel", "chunk")]
+    cases += [("prefill", opcheck, {}), ("step", opcheck, {})]
+    cases += [("step", Case(2, 3, 1, 1, d, dv, dtype=dt), {}) for d, dv, dt in STEP_CASES]
+    cases += [("step", Case(1, 8, 1, 1, 16, 64, dtype=BF16), {})]  # prefill + steps
+    bench = Case(16, 16, 8192, 8192, 16, 64, causal=True, dtype=BF16, form="chunk")
+    for causal in (True, False):
+        for form in ("parallel", "chunk"):
+            cases.append(("fwd_bwd", dataclasses.replace(bench, causal=causal, form=form), {}))
+    for c, bdv, warps in [(16, 32, 4), (32, 32, 4), (32, 64, 8), (64, 32, 8), (16, 16, 4)]:
+        cases.append(("chunk_fwd", bench, dict(chunk=c, block_dv=bdv, num_warps=warps, fused=True)))
+    for c, warps in [(16, 8), (32, 8), (16, 4)]:
+        cases.append(("chunk_bwd", bench, dict(chunk=c, num_warps=warps)))
+    cases += [("step", Case(64, 16, 1, 1, 16, 64, dtype=BF16), {})]
     return cases
 
 
@@ -182,7 +238,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="every launch of the GPU tests (slow: minutes)")
     ap.add_argument("--arch", type=int, nargs="+", default=[90])
+    ap.add_argument("--warm-cuda", action="store_true",
+                    help="on a GPU machine: JIT-compile every --full launch in parallel into Triton's cache")
+    ap.add_argument("-j", "--jobs", type=int, default=min(8, os.cpu_count() or 1))
     args = ap.parse_args(argv)
+    if args.warm_cuda:
+        return warm_cuda(full_cases(), args.jobs)
     launches = capture(full_cases() if args.full else ci_cases())
     print(f"triton {triton.__version__}: {len(launches)} distinct launches, archs {args.arch}")
     failures = 0

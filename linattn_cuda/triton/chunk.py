@@ -10,9 +10,9 @@ over the visible (unpadded) keys of the previous chunks, all float32 in register
     num_i = T0 + scale q_i.T1 + (scale^2/2) phi2(q_i).T2 + sum_{j in chunk, j <= i} w_ij v_j
     den_i = the same with z, out_i = num_i / den_i        (phi2(x)_(a,b) = x_a x_b)
 
-phi2(q) and phi2(k) are built on the fly as [C, A*BD] tiles (a gather of x[:, a] times a gather of x[:, b]
-from the L1/L2-resident chunk) and go through tl.dot on tensor cores; the L x M feature matrices never
-reach memory. The exported / imported decoding state is the *symmetric* map of ``feature_map.py``:
+phi2(q) and phi2(k) are built on the fly in registers as [C, A*BD] tiles (the outer product of the chunk's
+[C, A] row slice and its [C, BD] tile, reshaped) and go through tl.dot on tensor cores; the L x M feature
+matrices never reach memory. The exported / imported decoding state is the *symmetric* map of ``feature_map.py``:
 kv[0] = T0, kv[1+a] = c1 T1[a], kv[1+D+a] = c2 T2[(a,a)], kv[cross(a,b)] = c3 T2[(a,b)] (a < b), and
 the same for k_sum with z (c1 = sqrt(scale), c2 = scale/sqrt(2), c3 = scale).
 
@@ -31,8 +31,9 @@ Backward (g_i = dO_i / Z_i, delta_i = g_i . out_i), recomputing in the quadratic
       R0 = sum g_i, R1[a] = sum q_ia g_i, R2[(a,b)] = sum q_ia q_ib g_i, r1, r2 the same with delta:
       dv_j = R0 + scale k_j.R1 + (scale^2/2) phi2(k_j).R2 + intra,
       dk_j = scale (R1 v_j - r1) + scale^2 sum_b W_j[(a,b)] k_jb + intra,  W_j = R2 v_j - r2.
-The sums over b are a tl.dot with a 0/1 selection matrix E[(a,b), c] = (a == c).
-Non-causal: the state over all keys (queries) first, then one pass over the queries (keys); Lq != Lk is fine.
+(U, W symmetric in (a, b), so each quadratic block only produces its own rows' columns of dq and dk; the
+sums over b are a reshape to [C, A, BD] and a reduction.) Causal: intra-chunk terms in the quadratic form.
+Split mode adds dq, dk, dv with float32 atomics and casts afterwards. Non-causal: the state over all keys (queries) first, then one pass over the queries (keys); Lq != Lk is fine.
 """
 from __future__ import annotations
 
@@ -58,8 +59,8 @@ FWD_CHUNK = 32  # C of the forward
 FWD_BLOCK_DV = 32  # value columns per forward program (programs = value blocks x B*H x roles)
 BWD_CHUNK = 16  # C of the backward
 BWD_MAX_BLOCK_DV = 64  # the fused backward holds all of Dv (dq sums over it): fused needs Dv <= 64
-# Below this many programs (B*H x value blocks) the forward narrows its value blocks and then splits
-# roles across programs, to fill a GPU when B*H is small.
+# Below this many programs the kernels spread over more of them, to fill a GPU when B*H is small (B = 1
+# prefill): the forward first narrows its value blocks, then both directions split roles across programs.
 MIN_PROGRAMS = 264  # two waves on an H100 (132 SMs)
 
 
@@ -127,7 +128,7 @@ def _zero_scalar():
 def _fwd_role(
     Q, K, V, MASK, KV0, KS0, O, Z, NUM, DEN, KV1, KS1,
     bh, b, pid_v, row0, scale, c1, LQ, LK, M,
-    D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, A: tl.constexpr,
+    D, DV, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, A: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_INIT: tl.constexpr, WRITE_STATE: tl.constexpr,
     BASE: tl.constexpr, QUAD: tl.constexpr, FINAL: tl.constexpr, MODE: tl.constexpr,
 ):
@@ -272,7 +273,7 @@ def _fwd_role(
 def _chunk_fwd_kernel(
     Q, K, V, MASK, KV0, KS0, O, Z, NUM, DEN, KV1, KS1,
     scale, c1, LQ, LK, H, M,
-    D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, A: tl.constexpr,
+    D, DV, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, A: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_INIT: tl.constexpr, WRITE_STATE: tl.constexpr,
     FUSED: tl.constexpr, MODE: tl.constexpr,
 ):
@@ -300,7 +301,7 @@ def _chunk_fwd_kernel(
 def _bwd_dq_role(
     Q, K, V, MASK, DO, DELTA, RZ, DQ,
     bh, b, pid_v, row0, scale, LQ, LK,
-    D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, A: tl.constexpr,
+    D, DV, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, A: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BASE: tl.constexpr, QUAD: tl.constexpr,
     ATOMIC: tl.constexpr, MODE: tl.constexpr,
 ):
@@ -397,7 +398,7 @@ def _bwd_dq_role(
 def _bwd_dkdv_role(
     Q, K, V, MASK, DO, DELTA, RZ, DK, DVO,
     bh, b, pid_v, row0, scale, LQ, LK,
-    D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, A: tl.constexpr,
+    D, DV, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, A: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BASE: tl.constexpr, QUAD: tl.constexpr,
     ATOMIC: tl.constexpr, MODE: tl.constexpr,
 ):
@@ -513,7 +514,7 @@ def _bwd_dkdv_role(
 def _chunk_bwd_kernel(
     Q, K, V, MASK, DO, DELTA, RZ, DQ, DK, DVO,
     scale, LQ, LK, H,
-    D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, A: tl.constexpr,
+    D, DV, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, A: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, FUSED: tl.constexpr, MODE: tl.constexpr,
 ):
     """Axis 2 = 2 * role + direction (direction 0: dq, 1: dk and dv); role 0 = base, role r > 0 = quad rows."""
@@ -573,7 +574,9 @@ def chunk_config(d: int, dv: int, *, backward: bool, programs: int = 1 << 30, ch
     can_fuse = bd * bd <= FUSED_MAX_FEATURES
     if backward:
         can_fuse = can_fuse and bdv_full <= BWD_MAX_BLOCK_DV
-        want_fused = can_fuse if fused is None else (fused and can_fuse)
+        want_fused = can_fuse and 2 * programs >= MIN_PROGRAMS // 2  # fused: 2 programs (dq, dk/dv) per head
+        if fused is not None:
+            want_fused = fused and can_fuse
         bdv = bdv_full if want_fused else min(BWD_MAX_BLOCK_DV, bdv_full)
         c = chunk or BWD_CHUNK
     else:
@@ -598,9 +601,16 @@ def next_lower_pow2(n: int) -> int:
     return 1 << (int(n).bit_length() - 1)
 
 
-def _mask_arg(key_padding_mask, dummy):
+def _dummy(dtype, device):
+    """A 1-element stand-in for a pointer argument a kernel variant never touches. Every pointer argument gets
+    its own tensor (never an alias of another argument), so torch.compile's functionalization of the kernel
+    call stays correct even if it has to assume that every argument is written."""
+    return torch.empty(1, dtype=dtype, device=device)
+
+
+def _mask_arg(key_padding_mask, device):
     if key_padding_mask is None:
-        return dummy, False
+        return _dummy(torch.uint8, device), False
     return key_padding_mask.contiguous().view(torch.uint8), True
 
 
@@ -622,28 +632,29 @@ def chunk_fwd(
     m = feature_dim(d)
     cfg = chunk_config(d, dv, backward=False, programs=int(b * h), chunk=chunk, fused=fused, block_dv=block_dv,
                        num_warps=num_warps)
-    mask, has_mask = _mask_arg(key_padding_mask, q)
+    mask, has_mask = _mask_arg(key_padding_mask, q.device)
     n_roles = 1 if cfg.fused else 1 + _n_quad_blocks(d, cfg.rows)
+    f32 = torch.float32
     if initial_state is not None:
         kv0, ks0 = initial_state[0].contiguous(), initial_state[1].contiguous()
     else:
-        kv0, ks0 = q, q
+        kv0, ks0 = _dummy(f32, q.device), _dummy(f32, q.device)
     if write_state:
-        kv1 = new_output((b, h, m, dv), torch.float32, q.device)
-        ks1 = new_output((b, h, m), torch.float32, q.device)
+        kv1 = new_output((b, h, m, dv), f32, q.device)
+        ks1 = new_output((b, h, m), f32, q.device)
     else:
-        kv1, ks1 = q, q
-    if cfg.fused:
+        kv1, ks1 = _dummy(f32, q.device), _dummy(f32, q.device)
+    if cfg.fused:  # written directly: out, Z
         out = new_output((b, h, lq, dv), q.dtype, q.device)
-        den = new_output((b, h, lq), torch.float32, q.device)
-        num = q
-    else:
-        num = torch.zeros((b, h, lq, dv), dtype=torch.float32, device=q.device)
-        den = torch.zeros((b, h, lq), dtype=torch.float32, device=q.device)
-        out = q
+        z = new_output((b, h, lq), f32, q.device)
+        num, den = _dummy(f32, q.device), _dummy(f32, q.device)
+    else:  # float32 partial sums added with atomics, divided below
+        out, z = _dummy(q.dtype, q.device), _dummy(f32, q.device)
+        num = torch.zeros((b, h, lq, dv), dtype=f32, device=q.device)
+        den = torch.zeros((b, h, lq), dtype=f32, device=q.device)
     grid = (triton.cdiv(dv, cfg.block_dv), b * h, n_roles)
     wrap_triton(_chunk_fwd_kernel)[grid](
-        q, k, v, mask, kv0, ks0, out, den, num, den, kv1, ks1,
+        q, k, v, mask, kv0, ks0, out, z, num, den, kv1, ks1,
         scale, math.sqrt(scale), lq, lk, h, m,
         D=d, DV=dv, C=cfg.chunk, BD=cfg.block_d, BDV=cfg.block_dv, A=cfg.rows,
         CAUSAL=causal, HAS_MASK=has_mask, HAS_INIT=initial_state is not None, WRITE_STATE=write_state,
@@ -652,9 +663,10 @@ def chunk_fwd(
     if not cfg.fused:
         seen = den != 0
         out = torch.where(seen.unsqueeze(-1), num / torch.where(seen, den, 1.0).unsqueeze(-1), 0.0).to(q.dtype)
+        z = den
     if write_state:
-        return out, den, kv1, ks1
-    return out, den
+        return out, z, kv1, ks1
+    return out, z
 
 
 def chunk_bwd(grad_out, q, k, v, key_padding_mask, out, den, causal: bool, scale: float, *,
@@ -669,7 +681,7 @@ def chunk_bwd(grad_out, q, k, v, key_padding_mask, out, den, causal: bool, scale
     lk, d, dv = k.shape[2], int(d), int(v.shape[3])  # head dims are specialized (constexpr)
     cfg = chunk_config(d, dv, backward=True, programs=int(b * h), chunk=chunk, fused=fused, block_dv=block_dv,
                        num_warps=num_warps)
-    mask, has_mask = _mask_arg(key_padding_mask, q)
+    mask, has_mask = _mask_arg(key_padding_mask, q.device)
     delta, rz = bwd_preprocess(out, grad_out, den)
     if cfg.fused:
         dq = new_output(q.shape, q.dtype, q.device)

@@ -92,7 +92,7 @@ def mm(a, b, MODE: tl.constexpr):
 def _bwd_preprocess_kernel(
     O, DO, Z, DELTA, RZ,
     L,
-    DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DV, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """delta_i = (dO_i . out_i) / Z_i and rz_i = 1 / Z_i (both 0 where Z_i == 0: a query that sees no key)."""
     pid_m = tl.program_id(0)

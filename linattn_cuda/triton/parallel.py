@@ -28,7 +28,7 @@ __all__ = ["parallel_fwd", "parallel_bwd"]
 def _parallel_fwd_kernel(
     Q, K, V, MASK, O, Z,
     scale, LQ, LK, H,
-    D: tl.constexpr, DV: tl.constexpr,
+    D, DV,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MODE: tl.constexpr,
 ):
@@ -83,7 +83,7 @@ def _parallel_fwd_kernel(
 def _parallel_bwd_dkdv_kernel(
     Q, K, V, MASK, DO, DELTA, RZ, DK, DV_OUT,
     scale, LQ, LK, H,
-    D: tl.constexpr, DV: tl.constexpr,
+    D, DV,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MODE: tl.constexpr,
 ):
@@ -146,7 +146,7 @@ def _parallel_bwd_dkdv_kernel(
 def _parallel_bwd_dq_kernel(
     Q, K, V, MASK, DO, DELTA, RZ, DQ,
     scale, LQ, LK, H,
-    D: tl.constexpr, DV: tl.constexpr,
+    D, DV,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MODE: tl.constexpr,
 ):
@@ -195,10 +195,10 @@ def _parallel_bwd_dq_kernel(
     )
 
 
-def _mask_arg(key_padding_mask: Optional[torch.Tensor], dummy: torch.Tensor):
-    """The mask as uint8 [B, Lk] (True = padding), or a dummy pointer when there is none."""
+def _mask_arg(key_padding_mask: Optional[torch.Tensor], device):
+    """The mask as uint8 [B, Lk] (True = padding), or a 1-element stand-in (its own tensor) when there is none."""
     if key_padding_mask is None:
-        return dummy, False
+        return torch.empty(1, dtype=torch.uint8, device=device), False
     return key_padding_mask.contiguous().view(torch.uint8), True
 
 
@@ -223,7 +223,7 @@ def parallel_fwd(q, k, v, key_padding_mask, causal: bool, scale: float, *, block
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, h, lq, d = q.shape
     lk, d, dv = k.shape[2], int(d), int(v.shape[3])  # head dims are specialized (constexpr)
-    mask, has_mask = _mask_arg(key_padding_mask, q)
+    mask, has_mask = _mask_arg(key_padding_mask, q.device)
     blk, block_dv, warps = _fwd_config(dv)
     blk = block or blk
     out = new_output((b, h, lq, dv), q.dtype, q.device)
@@ -247,7 +247,7 @@ def parallel_bwd(grad_out, q, k, v, key_padding_mask, out, den, causal: bool, sc
     grad_out, out = grad_out.contiguous(), out.contiguous()
     b, h, lq, d = q.shape
     lk, d, dv = k.shape[2], int(d), int(v.shape[3])  # head dims are specialized (constexpr)
-    mask, has_mask = _mask_arg(key_padding_mask, q)
+    mask, has_mask = _mask_arg(key_padding_mask, q.device)
     blk, block_dv, warps = _bwd_config(dv)
     blk = block or blk
     delta, rz = bwd_preprocess(out, grad_out, den)

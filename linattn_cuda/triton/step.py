@@ -21,7 +21,7 @@ __all__ = ["step_fwd"]
 
 
 @triton.jit
-def sym_decode(m, D: tl.constexpr):
+def sym_decode(m, D):
     """``(kind, a, b)`` of symmetric-map feature ``m``: kind 0 = the constant 1, 1 = x_a, 2 = x_a^2,
     3 = x_a x_b with a < b (row-major), as in feature_map.py."""
     u = m - 1 - 2 * D  # offset in the cross-term list
@@ -47,7 +47,7 @@ def _phi(X, kind, a, b, ok, c1, c2, c3):
 def _step_kernel(
     Q, K, V, KV, KS, O, KV1, KS1,
     scale, c1, M,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    D, DV, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_v = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
