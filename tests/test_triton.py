@@ -65,12 +65,16 @@ def check_case(case: Case):
     lowp = [None] * 4
     if case.dtype != F32:
         lowp = reference_fwd_bwd(q, k, v, kpm, grad_out, case.causal, case.scale, lowp=True)
+    problems = []  # check everything, then report every failure (forward and each gradient separately)
     for name, g, w, lp in zip(("out", "dq", "dk", "dv"), got, want, lowp):
-        assert g.dtype == case.dtype, f"{case.id} {name}: dtype {g.dtype}, want {case.dtype}"
-        check_close(name, g, w, lp, case_id=case.id)
-    if case.mask == "fullrow":  # the last batch sees no key at all: exactly 0 and no gradient
-        for name, g in zip(("out", "dq", "dk", "dv"), got):
-            assert torch.count_nonzero(g[-1]) == 0, f"{case.id} {name}: the fully padded batch is not exactly 0"
+        try:
+            assert g.dtype == case.dtype, f"{case.id} {name}: dtype {g.dtype}, want {case.dtype}"
+            check_close(name, g, w, lp, case_id=case.id)
+            if case.mask == "fullrow":  # the last batch sees no key at all: exactly 0 and no gradient
+                assert torch.count_nonzero(g[-1]) == 0, f"{case.id} {name}: the fully padded batch is not exactly 0"
+        except AssertionError as exc:
+            problems.append(str(exc))
+    assert not problems, "\n".join(problems)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from ..feature_map import feature_dim
-from .common import block_dim, bwd_preprocess, dot_mode, mm, new_output
+from .common import block_dim, bwd_preprocess, dot_mode, mm, mm_exact_a, new_output
 
 __all__ = ["ChunkConfig", "chunk_config", "chunk_fwd", "chunk_bwd"]
 
@@ -194,7 +194,7 @@ def _fwd_role(
                 else:
                     kr = _tile(Kb, offs_j, j_ok, offs_r, D) * kf[:, None]
                 pkt = _phi2_t(kr, k)
-                t2 += mm(pkt, v, MODE)
+                t2 += mm_exact_a(pkt, v, MODE)  # the exported state stays float32-accurate
                 z2 += tl.sum(pkt, 1)
 
     for cq in range(0, tl.cdiv(LQ, C)):
@@ -238,7 +238,7 @@ def _fwd_role(
                 else:
                     kr = _tile(Kb, offs_i, i_ok, offs_r, D) * kf[:, None]
                 pkt = _phi2_t(kr, k)
-                t2 += mm(pkt, v, MODE)
+                t2 += mm_exact_a(pkt, v, MODE)  # the exported state stays float32-accurate
                 z2 += tl.sum(pkt, 1)
         o_off = bh * LQ * DV + offs_i[:, None] * DV + offs_v[None, :]
         o_ok = i_ok[:, None] & v_ok[None, :]

@@ -27,6 +27,7 @@ __all__ = [
     "block_dim",
     "dot_mode",
     "mm",
+    "mm_exact_a",
     "bwd_preprocess",
 ]
 
@@ -85,6 +86,23 @@ def mm(a, b, MODE: tl.constexpr):
         c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
     else:
         c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return c
+
+
+@triton.jit
+def mm_exact_a(a, b, MODE: tl.constexpr):
+    """``a @ b`` for a float32 ``a`` that must not be rounded to the operand precision (a feature tile such as
+    k_a * k_b, 16 significant bits from bfloat16 inputs) and a ``b`` exact in it (input values): bfloat16 splits
+    ``a`` into hi + lo (exact, two dots); float16 / float32 use tf32x3. Keeps the float32 state accurate."""
+    if MODE == 1:
+        a_hi = a.to(tl.bfloat16)
+        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+        b16 = b.to(tl.bfloat16)
+        c = tl.dot(a_hi, b16) + tl.dot(a_lo, b16)
+    elif MODE == 0:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
     return c
 
 
