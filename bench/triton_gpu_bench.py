@@ -32,6 +32,11 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
+# Chunked-kernel configurations timed at the longest L (causal): (C, BDV, warps, fused) and (C, warps, fused).
+SWEEP_FWD = [(16, 32, 4, True), (32, 32, 4, True), (32, 64, 8, True), (64, 32, 8, True), (16, 16, 4, True),
+             (32, 32, 4, False)]
+SWEEP_BWD = [(16, 8, True), (32, 8, True), (16, 4, True), (16, 4, False)]
+
 TARGETS = {
     "causal_fwd_ms_B16_L8192": 1.5,  # causal forward at B=16, L=8192 at most this many ms
     "causal_fwdbwd_speedup_vs_fla_L4096plus": 2.0,  # vs the fastest fla based kernel
@@ -198,22 +203,20 @@ def run(out_dir: str, *, dry_run: bool = False, lengths=None, batch=16, heads=16
         log(f"chunked-kernel block sizes at L = {L} (causal)")
         q, k, v = rnd(batch, heads, L, d), rnd(batch, heads, L, d), rnd(batch, heads, L, dv)
         g = rnd(batch, heads, L, dv)
-        fwd_cfgs = [(16, 32, 4), (32, 32, 4), (32, 64, 8), (64, 32, 8), (16, 16, 4)] if not dry_run else [(16, 16, 4)]
-        for c, bdv, warps in fwd_cfgs:
-            def sw_fwd(c=c, bdv=bdv, warps=warps):
-                return chunk_mod.chunk_fwd(q, k, v, None, True, scale, chunk=c, block_dv=bdv, num_warps=warps, fused=True)
+        for c, bdv, warps, fused in SWEEP_FWD if not dry_run else [(16, 16, 4, True)]:
+            def sw_fwd(c=c, bdv=bdv, warps=warps, fused=fused):
+                return chunk_mod.chunk_fwd(q, k, v, None, True, scale, chunk=c, block_dv=bdv, num_warps=warps, fused=fused)
 
             record("triton-chunk-sweep", "fwd", True, L, sw_fwd, _taylor_flops(batch, heads, L, L, d, dv, True, False),
-                   config=f"C={c} BDV={bdv} warps={warps}")
+                   config=f"C={c} BDV={bdv} warps={warps} {'fused' if fused else 'split'}")
         with torch.no_grad():
             out, den = chunk_mod.chunk_fwd(q, k, v, None, True, scale)
-        bwd_cfgs = [(16, 8), (32, 8), (16, 4)] if not dry_run else [(16, 4)]
-        for c, warps in bwd_cfgs:
-            def sw_bwd(c=c, warps=warps):
-                return chunk_mod.chunk_bwd(g, q, k, v, None, out, den, True, scale, chunk=c, num_warps=warps)
+        for c, warps, fused in SWEEP_BWD if not dry_run else [(16, 4, True)]:
+            def sw_bwd(c=c, warps=warps, fused=fused):
+                return chunk_mod.chunk_bwd(g, q, k, v, None, out, den, True, scale, chunk=c, num_warps=warps, fused=fused)
 
             record("triton-chunk-sweep", "bwd", True, L, sw_bwd, _taylor_flops(batch, heads, L, L, d, dv, True, True) / 3.5 * 2.5,
-                   config=f"C={c} warps={warps}")
+                   config=f"C={c} warps={warps} {'fused' if fused else 'split'}")
         del q, k, v, g, out, den
 
     # decoding step vs a device-to-device copy

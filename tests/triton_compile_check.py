@@ -226,10 +226,13 @@ def full_cases():
     for causal in (True, False):
         for form in ("parallel", "chunk"):
             cases.append(("fwd_bwd", dataclasses.replace(bench, causal=causal, form=form), {}))
-    for c, bdv, warps in [(16, 32, 4), (32, 32, 4), (32, 64, 8), (64, 32, 8), (16, 16, 4)]:
-        cases.append(("chunk_fwd", bench, dict(chunk=c, block_dv=bdv, num_warps=warps, fused=True)))
-    for c, warps in [(16, 8), (32, 8), (16, 4)]:
-        cases.append(("chunk_bwd", bench, dict(chunk=c, num_warps=warps)))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from triton_gpu_bench import SWEEP_BWD, SWEEP_FWD
+
+    for c, bdv, warps, fused in SWEEP_FWD:
+        cases.append(("chunk_fwd", bench, dict(chunk=c, block_dv=bdv, num_warps=warps, fused=fused)))
+    for c, warps, fused in SWEEP_BWD:
+        cases.append(("chunk_bwd", bench, dict(chunk=c, num_warps=warps, fused=fused)))
     cases += [("step", Case(64, 16, 1, 1, 16, 64, dtype=BF16), {})]
     return cases
 
