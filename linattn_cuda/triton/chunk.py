@@ -16,7 +16,7 @@ matrices never reach memory. The exported / imported decoding state is the *symm
 kv[0] = T0, kv[1+a] = c1 T1[a], kv[1+D+a] = c2 T2[(a,a)], kv[cross(a,b)] = c3 T2[(a,b)] (a < b), and
 the same for k_sum with z (c1 = sqrt(scale), c2 = scale/sqrt(2), c3 = scale).
 
-Programs. One program owns one (value block, batch*head, role) and walks the chunks in order:
+Programs. One program owns one (batch*head, value block, role) and walks the chunks in order:
 * role "base": the constant and linear features (T0, T1) and the intra-chunk quadratic part;
 * role "quad": the quadratic features of rows a in [row0, row0 + A), all b (a state block [A*BD, BDV]).
 FUSED (D <= 16): one program plays every role and writes the output directly (no atomics, deterministic).
@@ -277,8 +277,8 @@ def _chunk_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_INIT: tl.constexpr, WRITE_STATE: tl.constexpr,
     FUSED: tl.constexpr, MODE: tl.constexpr,
 ):
-    pid_v = tl.program_id(0)
-    bh_i = tl.program_id(1)
+    bh_i = tl.program_id(0)  # B*H on axis 0: axes 1 and 2 are limited to 65535
+    pid_v = tl.program_id(1)
     role = tl.program_id(2)
     bh = bh_i.to(tl.int64)
     b = (bh_i // H).to(tl.int64)
@@ -517,9 +517,9 @@ def _chunk_bwd_kernel(
     D, DV, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, A: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, FUSED: tl.constexpr, MODE: tl.constexpr,
 ):
-    """Axis 2 = 2 * role + direction (direction 0: dq, 1: dk and dv); role 0 = base, role r > 0 = quad rows."""
-    pid_v = tl.program_id(0)
-    bh_i = tl.program_id(1)
+    """Grid (B*H, value blocks, jobs); job = 2 * role + direction (direction 0: dq, 1: dk and dv); role 0 = base, role r > 0 = quad rows."""
+    bh_i = tl.program_id(0)
+    pid_v = tl.program_id(1)
     job = tl.program_id(2)
     bh = bh_i.to(tl.int64)
     b = (bh_i // H).to(tl.int64)
@@ -652,7 +652,7 @@ def chunk_fwd(
         out, z = _dummy(q.dtype, q.device), _dummy(f32, q.device)
         num = torch.zeros((b, h, lq, dv), dtype=f32, device=q.device)
         den = torch.zeros((b, h, lq), dtype=f32, device=q.device)
-    grid = (triton.cdiv(dv, cfg.block_dv), b * h, n_roles)
+    grid = (b * h, triton.cdiv(dv, cfg.block_dv), n_roles)
     wrap_triton(_chunk_fwd_kernel)[grid](
         q, k, v, mask, kv0, ks0, out, z, num, den, kv1, ks1,
         scale, math.sqrt(scale), lq, lk, h, m,
@@ -693,7 +693,7 @@ def chunk_bwd(grad_out, q, k, v, key_padding_mask, out, den, causal: bool, scale
         dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
         dvv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
         n_jobs = 2 * (1 + _n_quad_blocks(d, cfg.rows))
-    grid = (triton.cdiv(dv, cfg.block_dv), b * h, n_jobs)
+    grid = (b * h, triton.cdiv(dv, cfg.block_dv), n_jobs)
     wrap_triton(_chunk_bwd_kernel)[grid](
         q, k, v, mask, grad_out, delta, rz, dq, dk, dvv,
         scale, lq, lk, h,

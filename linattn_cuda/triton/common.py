@@ -113,8 +113,8 @@ def _bwd_preprocess_kernel(
     DV, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """delta_i = (dO_i . out_i) / Z_i and rz_i = 1 / Z_i (both 0 where Z_i == 0: a query that sees no key)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_v = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < L
@@ -139,7 +139,7 @@ def bwd_preprocess(out: torch.Tensor, grad_out: torch.Tensor, den: torch.Tensor)
     rz = new_output((b, h, length), torch.float32, out.device)
     block_dv = block_dim(dv)
     block_m = max(16, min(64, 8192 // block_dv))
-    grid = (triton.cdiv(length, block_m), b * h)
+    grid = (b * h, triton.cdiv(length, block_m))
     wrap_triton(_bwd_preprocess_kernel)[grid](
         out, grad_out, den, delta, rz, length, DV=dv, BLOCK_M=block_m, BLOCK_DV=block_dv, num_warps=4
     )

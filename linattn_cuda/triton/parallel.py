@@ -1,6 +1,6 @@
 """Quadratic (parallel) form: FlashAttention's dataflow with exp replaced by w = 1 + s + s^2/2.
 
-Forward, one program per (query block, batch*head, value block):
+Forward, one program per (batch*head, query block, value block):
     for each key block:  s = scale q k^T;  p = 1 + s + s^2/2 (0 where masked);  acc += p v;  z += rowsum(p)
     out = acc / z (0 where z == 0),  Z = z saved in float32 for the backward.
 w >= 1/2 cannot overflow the way exp does, so no running maximum and no rescaling are needed.
@@ -32,8 +32,8 @@ def _parallel_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MODE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh_i = tl.program_id(1)
+    bh_i = tl.program_id(0)  # B*H on axis 0 (axes 1 and 2 are limited to 65535)
+    pid_m = tl.program_id(1)
     pid_v = tl.program_id(2)
     bh = bh_i.to(tl.int64)
     b = (bh_i // H).to(tl.int64)
@@ -88,8 +88,8 @@ def _parallel_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MODE: tl.constexpr,
 ):
     """One key block: loops over the query blocks that see it; everything transposed ([keys, queries])."""
-    pid_n = tl.program_id(0)
-    bh_i = tl.program_id(1)
+    bh_i = tl.program_id(0)
+    pid_n = tl.program_id(1)
     bh = bh_i.to(tl.int64)
     b = (bh_i // H).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -150,8 +150,8 @@ def _parallel_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MODE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh_i = tl.program_id(1)
+    bh_i = tl.program_id(0)
+    pid_m = tl.program_id(1)
     bh = bh_i.to(tl.int64)
     b = (bh_i // H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -228,7 +228,7 @@ def parallel_fwd(q, k, v, key_padding_mask, causal: bool, scale: float, *, block
     blk = block or blk
     out = new_output((b, h, lq, dv), q.dtype, q.device)
     den = new_output((b, h, lq), torch.float32, q.device)
-    grid = (triton.cdiv(lq, blk), b * h, triton.cdiv(dv, block_dv))
+    grid = (b * h, triton.cdiv(lq, blk), triton.cdiv(dv, block_dv))
     wrap_triton(_parallel_fwd_kernel)[grid](
         q, k, v, mask, out, den,
         scale, lq, lk, h,
@@ -258,10 +258,10 @@ def parallel_bwd(grad_out, q, k, v, key_padding_mask, out, den, causal: bool, sc
         D=d, DV=dv, BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=block_dim(d), BLOCK_DV=block_dv,
         CAUSAL=causal, HAS_MASK=has_mask, MODE=dot_mode(q.dtype), num_warps=warps, num_stages=2,
     )
-    wrap_triton(_parallel_bwd_dkdv_kernel)[(triton.cdiv(lk, blk), b * h)](
+    wrap_triton(_parallel_bwd_dkdv_kernel)[(b * h, triton.cdiv(lk, blk))](
         q, k, v, mask, grad_out, delta, rz, dk, dvv, scale, lq, lk, h, **common
     )
-    wrap_triton(_parallel_bwd_dq_kernel)[(triton.cdiv(lq, blk), b * h)](
+    wrap_triton(_parallel_bwd_dq_kernel)[(b * h, triton.cdiv(lq, blk))](
         q, k, v, mask, grad_out, delta, rz, dq, scale, lq, lk, h, **common
     )
     return dq, dk, dvv

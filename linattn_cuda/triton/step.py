@@ -2,7 +2,7 @@
 
     kv' = kv + phi(k) v^T,   k_sum' = k_sum + phi(k),   out = phi(q)^T kv' / phi(q)^T k_sum'
 
-One program per (value block, batch*head) walks the M features in blocks; phi(q) and phi(k) of a feature
+One program per (batch*head, value block) walks the M features in blocks; phi(q) and phi(k) of a feature
 block are computed on the fly from its index (feature_map.py's order, decoded arithmetically), so no
 feature vector or index table goes through memory. The state stays float32.
 """
@@ -49,8 +49,8 @@ def _step_kernel(
     scale, c1, M,
     D, DV, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_v = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)  # B*H on axis 0 (axis 1 is limited to 65535)
+    pid_v = tl.program_id(1)
     c2 = scale * 0.7071067811865476
     offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     v_ok = offs_v < DV
@@ -92,7 +92,7 @@ def step_fwd(q, k, v, kv, k_sum, scale: float):
     out = new_output((b, h, dv), q.dtype, q.device)
     kv1 = new_output(kv.shape, torch.float32, q.device)
     ks1 = new_output(k_sum.shape, torch.float32, q.device)
-    grid = (triton.cdiv(dv, block_dv), b * h)
+    grid = (b * h, triton.cdiv(dv, block_dv))
     wrap_triton(_step_kernel)[grid](
         q, k, v, kv, k_sum, out, kv1, ks1, scale, math.sqrt(scale), m,
         D=d, DV=dv, BLOCK_M=block_m, BLOCK_DV=block_dv, num_warps=4,
