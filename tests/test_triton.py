@@ -124,6 +124,57 @@ def test_api_noncontiguous_and_grad():
 
 
 # ------------------------------------------------------------------------------------------------------
+# the bfloat16 tensor-core path (MODE 1) on CPU: Triton's interpreter multiplies bfloat16 dot operands as
+# raw bits (Triton 3.8), so the launchers give it float32 operands; patched here to run MODE 1 for real
+# ------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def bf16_dots(monkeypatch):
+    if HAS_CUDA:
+        pytest.skip("on a GPU every bfloat16 test runs this path")
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def up(x):  # bfloat16 is stored as uint16: widen to float32 exactly
+        if x.dtype == tl.bfloat16:
+            return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return x
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot",
+                        lambda self, a, b, d, *args: create_dot(self, up(a), up(b), d, *args))
+
+    def mode(dtype, chunked=False):
+        return common.MODE_BF16 if dtype == BF16 else common.dot_mode(dtype, chunked)
+
+    monkeypatch.setattr(parallel, "dot_mode", mode)
+    monkeypatch.setattr(chunk, "dot_mode", mode)
+
+
+BF16_CASES = [
+    Case(2, 1, 33, 47, 16, 24, causal=False, mask="fullrow", dtype=BF16),
+    Case(1, 2, 40, 40, 16, 32, causal=True, mask="random", dtype=BF16, form="chunk", fused=True, chunk=16),
+    Case(2, 1, 24, 37, 5, 24, causal=False, mask="random", dtype=BF16, form="chunk", fused=False, chunk=16),
+]
+
+
+@pytest.mark.parametrize("case", BF16_CASES, ids=[c.id for c in BF16_CASES])
+def test_bf16_tensor_core_path(bf16_dots, case):
+    check_case(case)
+
+
+def test_bf16_tensor_core_path_state(bf16_dots):
+    """With bfloat16 operands the state update splits phi(k) = k_a k_b into hi + lo: the float32 state stays exact."""
+    case = Case(1, 2, 37, 37, 16, 24, causal=True, mask="random", dtype=BF16, form="chunk", fused=True, chunk=16)
+    q, k, v, kpm, _ = make_inputs(case, DEVICE)
+    _, _, kv, ks = chunk.chunk_fwd(q, k, v, kpm, True, case.scale, write_state=True, chunk=16, fused=True)
+    _, st = ref.taylor_attention_chunked(q.double(), k.double(), v.double(), scale=case.scale, key_padding_mask=kpm)
+    check_close("kv", kv, st.kv, case_id=case.id)
+    check_close("k_sum", ks, st.k_sum, case_id=case.id)
+
+
+# ------------------------------------------------------------------------------------------------------
 # prefill (state out, optional state in) and the decoding step
 # ------------------------------------------------------------------------------------------------------
 
