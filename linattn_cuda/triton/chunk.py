@@ -628,7 +628,7 @@ def chunk_fwd(
 
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, h, lq, d = q.shape
-    lk, d, dv = k.shape[2], int(d), int(v.shape[3])  # head dims are specialized (constexpr)
+    lk, d, dv = k.shape[2], int(d), int(v.shape[3])  # ints: the block sizes derive from the head dims
     m = feature_dim(d)
     cfg = chunk_config(d, dv, backward=False, programs=int(b * h), chunk=chunk, fused=fused, block_dv=block_dv,
                        num_warps=num_warps)
@@ -678,7 +678,7 @@ def chunk_bwd(grad_out, q, k, v, key_padding_mask, out, den, causal: bool, scale
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     grad_out, out = grad_out.contiguous(), out.contiguous()
     b, h, lq, d = q.shape
-    lk, d, dv = k.shape[2], int(d), int(v.shape[3])  # head dims are specialized (constexpr)
+    lk, d, dv = k.shape[2], int(d), int(v.shape[3])  # ints: the block sizes derive from the head dims
     cfg = chunk_config(d, dv, backward=True, programs=int(b * h), chunk=chunk, fused=fused, block_dv=block_dv,
                        num_warps=num_warps)
     mask, has_mask = _mask_arg(key_padding_mask, q.device)

@@ -222,7 +222,7 @@ def parallel_fwd(q, k, v, key_padding_mask, causal: bool, scale: float, *, block
 
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, h, lq, d = q.shape
-    lk, d, dv = k.shape[2], int(d), int(v.shape[3])  # head dims are specialized (constexpr)
+    lk, d, dv = k.shape[2], int(d), int(v.shape[3])  # ints: the block sizes derive from the head dims
     mask, has_mask = _mask_arg(key_padding_mask, q.device)
     blk, block_dv, warps = _fwd_config(dv)
     blk = block or blk
@@ -246,7 +246,7 @@ def parallel_bwd(grad_out, q, k, v, key_padding_mask, out, den, causal: bool, sc
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     grad_out, out = grad_out.contiguous(), out.contiguous()
     b, h, lq, d = q.shape
-    lk, d, dv = k.shape[2], int(d), int(v.shape[3])  # head dims are specialized (constexpr)
+    lk, d, dv = k.shape[2], int(d), int(v.shape[3])  # ints: the block sizes derive from the head dims
     mask, has_mask = _mask_arg(key_padding_mask, q.device)
     blk, block_dv, warps = _bwd_config(dv)
     blk = block or blk
