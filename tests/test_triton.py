@@ -154,7 +154,7 @@ def bf16_dots(monkeypatch):
 
 BF16_CASES = [
     Case(2, 1, 33, 47, 16, 24, causal=False, mask="fullrow", dtype=BF16),
-    Case(1, 2, 40, 40, 16, 32, causal=True, mask="random", dtype=BF16, form="chunk", fused=True, chunk=16),
+    Case(1, 2, 40, 40, 16, 64, causal=True, mask="random", dtype=BF16, form="chunk", fused=True, chunk=16),
     Case(2, 1, 24, 37, 5, 24, causal=False, mask="random", dtype=BF16, form="chunk", fused=False, chunk=16),
 ]
 

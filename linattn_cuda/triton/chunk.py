@@ -59,6 +59,7 @@ FWD_CHUNK = 32  # C of the forward
 FWD_BLOCK_DV = 32  # value columns per forward program (programs = value blocks x B*H x roles)
 BWD_CHUNK = 16  # C of the backward
 BWD_MAX_BLOCK_DV = 64  # the fused backward holds all of Dv (dq sums over it): fused needs Dv <= 64
+BWD_MAX_BLOCK_DV_FP32 = 32  # float32 (tf32x3 dots): 64 needs up to 274 KB of shared memory (> 227 KB on H100)
 # Below this many programs the kernels spread over more of them, to fill a GPU when B*H is small (B = 1
 # prefill): the forward first narrows its value blocks, then both directions split roles across programs.
 MIN_PROGRAMS = 264  # two waves on an H100 (132 SMs)
@@ -565,7 +566,7 @@ def _n_quad_blocks(d: int, rows: int) -> int:
 
 def chunk_config(d: int, dv: int, *, backward: bool, programs: int = 1 << 30, chunk: Optional[int] = None,
                  fused: Optional[bool] = None, block_dv: Optional[int] = None,
-                 num_warps: Optional[int] = None) -> ChunkConfig:
+                 num_warps: Optional[int] = None, fp32: bool = False) -> ChunkConfig:
     """Block sizes and mode for the chunked kernels (``programs`` = B*H, used to fill the GPU).
 
     ``chunk``, ``fused``, ``block_dv``, ``num_warps`` override the defaults (tests and tuning)."""
@@ -573,11 +574,12 @@ def chunk_config(d: int, dv: int, *, backward: bool, programs: int = 1 << 30, ch
     bdv_full = block_dim(dv)
     can_fuse = bd * bd <= FUSED_MAX_FEATURES
     if backward:
-        can_fuse = can_fuse and bdv_full <= BWD_MAX_BLOCK_DV
+        max_bdv = BWD_MAX_BLOCK_DV_FP32 if fp32 else BWD_MAX_BLOCK_DV
+        can_fuse = can_fuse and bdv_full <= max_bdv
         want_fused = can_fuse and 2 * programs >= MIN_PROGRAMS // 2  # fused: 2 programs (dq, dk/dv) per head
         if fused is not None:
             want_fused = fused and can_fuse
-        bdv = bdv_full if want_fused else min(BWD_MAX_BLOCK_DV, bdv_full)
+        bdv = bdv_full if want_fused else min(max_bdv, bdv_full)
         c = chunk or BWD_CHUNK
     else:
         bdv = min(FWD_BLOCK_DV, bdv_full)
@@ -631,7 +633,7 @@ def chunk_fwd(
     lk, d, dv = k.shape[2], int(d), int(v.shape[3])  # ints: the block sizes derive from the head dims
     m = feature_dim(d)
     cfg = chunk_config(d, dv, backward=False, programs=int(b * h), chunk=chunk, fused=fused, block_dv=block_dv,
-                       num_warps=num_warps)
+                       num_warps=num_warps, fp32=q.dtype == torch.float32)
     mask, has_mask = _mask_arg(key_padding_mask, q.device)
     n_roles = 1 if cfg.fused else 1 + _n_quad_blocks(d, cfg.rows)
     f32 = torch.float32
@@ -680,7 +682,7 @@ def chunk_bwd(grad_out, q, k, v, key_padding_mask, out, den, causal: bool, scale
     b, h, lq, d = q.shape
     lk, d, dv = k.shape[2], int(d), int(v.shape[3])  # ints: the block sizes derive from the head dims
     cfg = chunk_config(d, dv, backward=True, programs=int(b * h), chunk=chunk, fused=fused, block_dv=block_dv,
-                       num_warps=num_warps)
+                       num_warps=num_warps, fp32=q.dtype == torch.float32)
     mask, has_mask = _mask_arg(key_padding_mask, q.device)
     delta, rz = bwd_preprocess(out, grad_out, den)
     if cfg.fused:

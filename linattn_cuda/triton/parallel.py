@@ -202,17 +202,19 @@ def _mask_arg(key_padding_mask: Optional[torch.Tensor], device):
     return key_padding_mask.contiguous().view(torch.uint8), True
 
 
-def _fwd_config(dv: int):
+def _fwd_config(d: int, dv: int, dtype: torch.dtype):
     block_dv = min(128, block_dim(dv))
-    block = 64
+    # float32 ("ieee" FMA dots) at large head dims spills heavily with 64-blocks (ptxas, sm_90)
+    block = 32 if dtype == torch.float32 and block_dim(d) >= 64 else 64
     warps = 4 if block_dv <= 64 else 8
     return block, block_dv, warps
 
 
-def _bwd_config(dv: int):
+def _bwd_config(d: int, dv: int, dtype: torch.dtype):
     block_dv = block_dim(dv)  # the backward needs all of Dv at once (dw = g . v)
-    block = 64 if block_dv <= 64 else 32
-    warps = 4 if block_dv <= 64 else 8
+    big = block_dv > 64 or (dtype == torch.float32 and block_dim(d) >= 64)
+    block = 32 if big else 64
+    warps = 8 if block_dv > 64 else 4
     return block, block_dv, warps
 
 
@@ -224,7 +226,7 @@ def parallel_fwd(q, k, v, key_padding_mask, causal: bool, scale: float, *, block
     b, h, lq, d = q.shape
     lk, d, dv = k.shape[2], int(d), int(v.shape[3])  # ints: the block sizes derive from the head dims
     mask, has_mask = _mask_arg(key_padding_mask, q.device)
-    blk, block_dv, warps = _fwd_config(dv)
+    blk, block_dv, warps = _fwd_config(d, dv, q.dtype)
     blk = block or blk
     out = new_output((b, h, lq, dv), q.dtype, q.device)
     den = new_output((b, h, lq), torch.float32, q.device)
@@ -248,7 +250,7 @@ def parallel_bwd(grad_out, q, k, v, key_padding_mask, out, den, causal: bool, sc
     b, h, lq, d = q.shape
     lk, d, dv = k.shape[2], int(d), int(v.shape[3])  # ints: the block sizes derive from the head dims
     mask, has_mask = _mask_arg(key_padding_mask, q.device)
-    blk, block_dv, warps = _bwd_config(dv)
+    blk, block_dv, warps = _bwd_config(d, dv, q.dtype)
     blk = block or blk
     delta, rz = bwd_preprocess(out, grad_out, den)
     dq = new_output(q.shape, q.dtype, q.device)
