@@ -1,0 +1,103 @@
+"""``backend="triton"``: the Triton kernels behind linattn_cuda's backend interface.
+
+* ``attention``: the quadratic (``parallel.py``) or the chunked linear (``chunk.py``) form, chosen per
+  shape by :func:`choose_form`; forward and backward through ``torch.ops.linattn_cuda.triton_fwd``.
+* ``prefill``: the chunked kernel with state in/out (``triton_prefill``); ``step``: ``step.py``.
+
+Usable on CUDA tensors when triton imports, and on CPU tensors when TRITON_INTERPRET=1 was set before
+triton was first imported (Triton's interpreter: slow, for tests). Inputs float16, bfloat16 or float32
+with D <= 128 and Dv <= 256; decoding states float32.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_fused_limits
+from ..reference import TaylorState
+
+__all__ = ["TritonBackend", "choose_form", "MAX_HEAD_DIM", "MAX_VALUE_DIM"]
+
+MAX_HEAD_DIM = 128
+MAX_VALUE_DIM = 256
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Form rule (see choose_form). First guesses from FLOP counts, to be retuned from GPU measurements
+# (bench/triton_gpu_bench.py prints both forms side by side).
+CHUNK_MAX_HEAD_DIM = 16  # the state has 1 + D + D^2 raw features: beyond D = 16 the chunked form loses
+CHUNK_MIN_LEN_CAUSAL = 2048  # causal: chunked from this length on
+CHUNK_MIN_LEN_NONCAUSAL = 1024  # non-causal: chunked from this "effective" length 2 Lq Lk / (Lq + Lk) on
+
+
+def choose_form(lq: int, lk: int, d: int, dv: int, causal: bool) -> str:
+    """``"chunk"`` (chunked linear form, O(L)) or ``"parallel"`` (quadratic form, O(L^2)) for a shape.
+
+    The chunked form costs ~4 L (1 + D + D^2) Dv and runs sequentially over chunks; the quadratic form
+    costs ~2 Lq Lk (D + Dv) (half of it causal) and is parallel over L. Rule: chunked only for
+    D <= CHUNK_MAX_HEAD_DIM and long sequences (CHUNK_MIN_LEN_CAUSAL / CHUNK_MIN_LEN_NONCAUSAL).
+    """
+    del dv  # both costs are linear in Dv
+    if d > CHUNK_MAX_HEAD_DIM:
+        return "parallel"
+    if causal:
+        return "chunk" if lq >= CHUNK_MIN_LEN_CAUSAL else "parallel"
+    effective = 2 * lq * lk / max(1, lq + lk)
+    return "chunk" if effective >= CHUNK_MIN_LEN_NONCAUSAL else "parallel"
+
+
+def _check_dtype(q: torch.Tensor, state=None) -> None:
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"backend 'triton' supports float16, bfloat16 and float32 inputs, got {q.dtype}; "
+            "use backend='reference' (or 'cpu') for float64"
+        )
+    if state is not None:
+        for name, x in zip(("kv", "k_sum"), state):
+            if x.dtype != torch.float32:
+                raise TypeError(f"backend 'triton' keeps decoding states in float32, got state.{name} of dtype {x.dtype}")
+
+
+class TritonBackend:
+    name = "triton"
+
+    def unavailable_reason(self, device):
+        device = torch.device(device)
+        try:
+            from . import common
+        except ImportError as exc:
+            return f"triton could not be imported ({exc})"
+        if device.type == "cuda":
+            return None if torch.cuda.is_available() else "CUDA is not available"
+        if device.type == "cpu":
+            if common.INTERPRET:
+                return None
+            return (
+                "Triton kernels run on CUDA tensors; CPU tensors need Triton's interpreter "
+                "(TRITON_INTERPRET=1 set before triton is imported)"
+            )
+        return f"the 'triton' backend takes cuda tensors (cpu under TRITON_INTERPRET=1), got {device.type}"
+
+    def attention(self, q, k, v, causal, scale, key_padding_mask):
+        from . import ops  # noqa: F401  (registers torch.ops.linattn_cuda.triton_*)
+
+        _check_dtype(q)
+        check_fused_limits(self.name, q, v, MAX_HEAD_DIM, MAX_VALUE_DIM)
+        chunked = choose_form(q.shape[2], k.shape[2], q.shape[3], v.shape[3], causal) == "chunk"
+        out, _ = torch.ops.linattn_cuda.triton_fwd(q, k, v, key_padding_mask, bool(causal), float(scale), chunked)
+        return out
+
+    def prefill(self, q, k, v, scale, key_padding_mask, initial_state):
+        from . import ops  # noqa: F401
+
+        _check_dtype(q, initial_state)
+        check_fused_limits(self.name, q, v, MAX_HEAD_DIM, MAX_VALUE_DIM)
+        kv, k_sum = (None, None) if initial_state is None else initial_state
+        out, kv, k_sum = torch.ops.linattn_cuda.triton_prefill(q, k, v, key_padding_mask, kv, k_sum, float(scale))
+        return out, TaylorState(kv, k_sum)
+
+    def step(self, q, k, v, state, scale):
+        from . import ops  # noqa: F401
+
+        _check_dtype(q, state)
+        check_fused_limits(self.name, q, v, MAX_HEAD_DIM, MAX_VALUE_DIM)
+        out, kv, k_sum = torch.ops.linattn_cuda.triton_step(q, k, v, state.kv, state.k_sum, float(scale))
+        return out, TaylorState(kv, k_sum)
