@@ -12,7 +12,8 @@ def choose_backend(q: torch.Tensor, *, causal: bool, kind: str = "attention") ->
     from . import unavailable_reason
 
     if q.device.type == "cuda":
-        order = ("cuda", "triton", "reference")
+        # Triton kernels take fp16/bf16/fp32 only (and decoding states are fp32)
+        order = ("cuda", "reference") if q.dtype == torch.float64 else ("cuda", "triton", "reference")
     else:
         order = ("cpu", "reference")
     for name in order:
