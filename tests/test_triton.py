@@ -20,7 +20,7 @@ import torch
 from linattn_cuda import reference as ref
 from linattn_cuda.feature_map import feature_dim
 
-from triton_cases import CI_CASES, GPU_CASES, PREFILL_CASES, STEP_CASES, Case, check_close, make_inputs, reference_fwd_bwd
+from .triton_cases import CI_CASES, GPU_CASES, PREFILL_CASES, STEP_CASES, Case, check_close, make_inputs, reference_fwd_bwd
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
