@@ -86,6 +86,15 @@ print(f'python {sys.version.split()[0]}, torch {torch.__version__}, triton {tv},
 echo "$VERSIONS" | tee -a "$LOG"
 record card ok $(( $(date +%s) - s0 )) "${CARD:-unknown}; $VERSIONS"
 
+# ---- triton warm-up: compile every Triton kernel variant the tests and benchmarks launch, in parallel,
+# into Triton's cache, in the background while the CUDA extension builds (both use the CPU cores)
+WARM_PID=""
+if [ "$DRY_RUN" != "1" ] && [ -f tests/triton_compile_check.py ]; then
+  ( timeout 240 "$PY" tests/triton_compile_check.py --warm-cuda -j "${TRITON_WARM_JOBS:-8}" > "$OUT/triton_warm.log" 2>&1;
+    echo "triton warm-up exit $?" >> "$OUT/triton_warm.log" ) &
+  WARM_PID=$!
+fi
+
 # ---- build
 HAS_CUDA_KERNELS='import linattn_cuda, torch; from linattn_cuda._extension import has_kernel; import sys; sys.exit(0 if has_kernel("CUDA") else 3)'
 if timeout 60 "$PY" -c "$HAS_CUDA_KERNELS" >> "$LOG" 2>&1; then
@@ -95,12 +104,20 @@ elif [ "$DRY_RUN" = "1" ]; then
 else
   command -v ninja >/dev/null 2>&1 || "$PY" -c "import ninja" 2>/dev/null \
     || echo "warning: ninja not found: the extension builds serially (slow)" | tee -a "$LOG"
-  if run_stage build "$(stage_timeout 330 150)" env MAX_JOBS="${MAX_JOBS:-16}" "$PY" -m pip install -q \
+  if run_stage build "$(stage_timeout 330 150)" env MAX_JOBS="${MAX_JOBS:-8}" \
+      LINATTN_CUDA_ARCHS="${LINATTN_CUDA_ARCHS:-9.0}" "$PY" -m pip install -q \
       --no-build-isolation --no-deps --no-index -e .; then
     record build ok "$LAST_DT" "pip install --no-build-isolation -e ."
   else
     record build "$STATUS" "$LAST_DT" "see gpu_check.log; later stages use whatever imports"
   fi
+fi
+
+if [ -n "$WARM_PID" ]; then
+  s0=$(date +%s)
+  wait "$WARM_PID"
+  record triton-warm done $(( $(date +%s) - s0 )) "$(tail -1 "$OUT/triton_warm.log" 2>/dev/null)"
+  cat "$OUT/triton_warm.log" >> "$LOG"; rm -f "$OUT/triton_warm.log"
 fi
 
 # ---- peers
@@ -123,7 +140,7 @@ fi
 
 # ---- gpu tests
 if [ -d tests ]; then
-  run_stage gpu-tests "$(stage_timeout 150 150)" "$PY" -m pytest -m gpu tests/ -x -q -p no:cacheprovider \
+  run_stage gpu-tests "$(stage_timeout 150 200)" "$PY" -m pytest -m gpu tests/ -q -rfE --maxfail=40 -p no:cacheprovider \
       --junitxml="$OUT/gpu_tests.xml"
   rc=$LAST_RC
   NOTE=$("$PY" - "$OUT/gpu_tests.xml" <<'PY' 2>/dev/null
@@ -153,7 +170,9 @@ if [ -f bench/triton_gpu_bench.py ]; then
   fi
   [ "$DRY_RUN" = "1" ] && timeout 30 "$PY" bench/triton_gpu_bench.py --help 2>/dev/null | grep -q -- "--dry-run" \
     && TARGS+=(--dry-run)
-  run_stage triton "$(stage_timeout 120 110)" "$PY" bench/triton_gpu_bench.py "${TARGS[@]}"
+  # longest length first: the targets are at L = 8192 and 4096, and each row is logged as soon as it is timed
+  [ "$DRY_RUN" = "1" ] || TARGS+=(--lengths 8192 4096 2048 1024)
+  run_stage triton "$(stage_timeout 200 20)" "$PY" bench/triton_gpu_bench.py "${TARGS[@]}"
   mkdir -p "$OUT/triton"
   copied=0
   for f in $(ls -1 "$TDIR" 2>/dev/null | grep -E '\.(md|json|csv|txt)$' | head -3); do

@@ -161,6 +161,23 @@ def run(out_dir: str, *, dry_run: bool = False, lengths=None, batch=16, heads=16
                     record(name, "fwd", causal, L, fwd, _taylor_flops(batch, heads, L, L, d, dv, causal, False))
                 record(name, "fwd+bwd", causal, L, fwdbwd, _taylor_flops(batch, heads, L, L, d, dv, causal, True),
                        grad_to_none=[q, k, v])
+        # the CUDA C++ kernels (csrc/cuda), side by side, when the extension was built with them
+        from linattn_cuda._extension import has_kernel
+
+        if device == "cuda" and has_kernel("CUDA"):
+            import linattn_cuda.ops  # noqa: F401  (autograd for taylor_fwd)
+
+            for causal in (True, False):
+                def c_fwd(causal=causal):
+                    return torch.ops.linattn_cuda.taylor_fwd(q, k, v, None, causal, scale)[0]
+
+                def c_fwdbwd(c_fwd=c_fwd):
+                    c_fwd().backward(g)
+
+                with torch.no_grad():
+                    record("cuda-ext", "fwd", causal, L, c_fwd, _taylor_flops(batch, heads, L, L, d, dv, causal, False))
+                record("cuda-ext", "fwd+bwd", causal, L, c_fwdbwd, _taylor_flops(batch, heads, L, L, d, dv, causal, True),
+                       grad_to_none=[q, k, v])
         del q, k, v, g
         if peers:
             qs, ks, vs = (rnd(batch, heads, L, 64, grad=True) for _ in range(3))
@@ -247,6 +264,13 @@ def run(out_dir: str, *, dry_run: bool = False, lengths=None, batch=16, heads=16
             gbs = state_bytes / (ms * 1e-3) / 1e9
             row.update(ms=ms, state_GBps=gbs, fraction_of_copy=(gbs / copy_gbs) if copy_gbs else None)
             log(f"  B*H={bh:5d} {ms:8.4f} ms {gbs:8.1f} GB/s" + (f" ({gbs / copy_gbs:.0%} of copy)" if copy_gbs else ""))
+            from linattn_cuda._extension import has_kernel
+
+            if device == "cuda" and has_kernel("CUDA", "taylor_step"):
+                ms_c = bench(lambda: torch.ops.linattn_cuda.taylor_step(qd, kd, vd, kv, ks, scale))
+                gbs_c = state_bytes / (ms_c * 1e-3) / 1e9
+                row.update(cuda_ms=ms_c, cuda_state_GBps=gbs_c)
+                log(f"  cuda-ext step B*H={bh:5d} {ms_c:8.4f} ms {gbs_c:8.1f} GB/s")
         except Exception as exc:  # noqa: BLE001
             row.update(ms=None, error=f"{type(exc).__name__}: {str(exc)[:400]}")
             log(f"  B*H={bh} FAILED {row['error']}")
