@@ -61,7 +61,7 @@ def _build_emulator():
     return load(
         name="linattn_cuda_emu",
         sources=[os.path.join(ROOT, "csrc", "cuda", "emu", "emu_module.cpp")],
-        extra_cflags=["-O2", "-DLINATTN_EMULATE", f"-I{os.path.join(cuda_home, 'include')}"],
+        extra_cflags=["-O2", "-fno-strict-aliasing", "-DLINATTN_EMULATE", f"-I{os.path.join(cuda_home, 'include')}"],
         build_directory=build_dir,
     )
 

@@ -12,6 +12,8 @@
 // rounding. All products are mma.sync m16n8k8 tf32 with fp32 accumulation: fp16/bf16 inputs are exact in
 // tf32; the feature values, P and S are rounded to tf32 (rel. 2^-11). fp32 inputs use 3xTF32 (SPLIT).
 // Non-causal: first S over all keys (chunk by chunk), then every query chunk reads S.
+// The next chunk's inputs are loaded into registers while the current chunk computes (one global latency
+// per chunk is hidden), and S and V are stored so that each B fragment is one conflict-free 64-bit load.
 #include "launch_util.cuh"
 
 namespace linattn {
@@ -21,29 +23,55 @@ constexpr int C = 64;
 constexpr int WARPS = 4;
 constexpr int THREADS = 32 * WARPS;
 
+// Shared-memory layouts. Q and K rows (stride QST == 4 mod 32) hold D values, zeros up to DK, and a 1 in
+// column DK (the x[one] slot of the feature map). S and V are stored "paired": rows r and r + 4 of every
+// group of 8 rows interleave element by element, so that the two B-fragment values of a lane (k rows t and
+// t + 4, same column) are one 64-bit load; the pair-row stride PST (in float2) == 4 mod 8 makes those
+// loads conflict-free (each half-warp touches 16 distinct 8-byte bank pairs). The normalizer column DS of S and V (V: all ones) rides in the last n-tile.
 template <int DK, int DS>
 struct Layout {
-  static constexpr int SST = DS + 8;      // state row stride: == 8 mod 32, conflict-free B-fragment reads
-  static constexpr int QST = DK + 4;      // q/k row stride: == 4 mod 32; column DK holds 1 (q) or keep (k)
-  static constexpr int VST = DS + 12;     // v row stride: == 12 mod 32; column DS holds the ones
-  static constexpr int NTO = DS / 8 + 1;  // output n-tiles, the last one holding the normalizer column
+  static constexpr int QST = DK + 4;
+  static constexpr int NTO = DS / 8 + 1;   // output n-tiles, the last one holding the normalizer column
+  static constexpr int PST = NTO * 8 + 4;   // float2 per pair-row of S and V
   static size_t smem_bytes(int MP) {
-    return sizeof(float) * (static_cast<size_t>(MP) * SST + 2 * C * QST + C * VST + C + MP) + sizeof(int) * MP;
+    return sizeof(float) * (static_cast<size_t>(MP) * PST + C * PST + 2 * C * QST + C) + 8 * static_cast<size_t>(MP);
   }
+};
+
+// Offset (in floats) of element (row, col) of a paired matrix with pair-row stride PST.
+template <int PST>
+LA_DEVICE int paired(int row, int col) {
+  return ((row >> 3) * 4 + (row & 3)) * (2 * PST) + 2 * col + ((row >> 2) & 1);
+}
+
+struct alignas(8) FeatEntry {
+  int ab;      // a | b << 16: phi_m(x) = coef * x[a] * x[b]
+  float coef;
+};
+
+// Register staging of the next chunk's inputs (loads in flight while the current chunk computes).
+template <class T, int DK, int DS>
+struct Staging {
+  static constexpr int NQ = C * DK / THREADS;
+  static constexpr int NV = C * DS / THREADS;
+  T q[NQ];
+  T k[NQ];
+  T v[NV];
+  bool kept;
 };
 
 template <class T, bool SPLIT, int DK, int DS, bool CAUSAL>
 LA_GLOBAL void LA_LAUNCH_BOUNDS(THREADS) chunk_kernel(AttnParams p, FeatureCoefs<float> fc, int MP, int nslices) {
   using L = Layout<DK, DS>;
-  constexpr int SST = L::SST, QST = L::QST, VST = L::VST, NTO = L::NTO;
+  constexpr int QST = L::QST, NTO = L::NTO, PST = L::PST;
+  using Stage = Staging<T, DK, DS>;
   LA_DYN_SMEM(float, sm);
-  float* S = sm;                          // [MP][SST]
-  float* Qs = S + MP * SST;               // [C][QST]
-  float* Ks = Qs + C * QST;               // [C][QST]
-  float* Vs = Ks + C * QST;               // [C][VST]
-  float* keep = Vs + C * VST;             // [C]
-  float* fcoef = keep + C;                // [MP]
-  int* fab = reinterpret_cast<int*>(fcoef + MP);  // [MP]: a | b << 16
+  float* S = sm;                                                // paired [MP][NTO * 8]
+  float* Vs = S + MP * PST;                                     // paired [C][NTO * 8]
+  float* Qs = Vs + C * PST;                                     // [C][QST]
+  float* Ks = Qs + C * QST;                                     // [C][QST]
+  float* keep = Ks + C * QST;                                   // [C]
+  FeatEntry* ftab = reinterpret_cast<FeatEntry*>(keep + C);     // [MP]
 
   const T* __restrict__ q = static_cast<const T*>(p.q);
   const T* __restrict__ k = static_cast<const T*>(p.k);
@@ -56,70 +84,97 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS(THREADS) chunk_kernel(AttnParams p, FeatureCoefs
   const int c0 = slice * DS;
   const int ncols = min(DS, Dv - c0);
   const float scale = static_cast<float>(p.scale);
+  const T zero = Elem<T>::store(0.f);
 
-  // Feature table and initial state.
+  // Feature table, initial state, constant columns.
   for (int m = tid; m < MP; m += THREADS) {
     const FeaturePair fp = feature_pair(m, D, DK);
-    fcoef[m] = m < M ? fc.c[fp.kind] : 0.f;
-    fab[m] = m < M ? (fp.a | (fp.b << 16)) : (DK | (DK << 16));
+    FeatEntry e;
+    e.ab = m < M ? (fp.a | (fp.b << 16)) : (DK | (DK << 16));
+    e.coef = m < M ? fc.c[fp.kind] : 0.f;
+    ftab[m] = e;
   }
   {
     const float* kv0 = static_cast<const float*>(p.kv0);
     const float* ks0 = static_cast<const float*>(p.ks0);
-    for (int idx = tid; idx < MP * SST; idx += THREADS) {
-      const int m = idx / SST, c = idx - m * SST;
+    for (int idx = tid; idx < MP * NTO * 8; idx += THREADS) {
+      const int m = idx / (NTO * 8), c = idx - m * (NTO * 8);
       float x = 0.f;
       if (m < M) {
         if (c < ncols && kv0 != nullptr) x = kv0[(bh * M + m) * Dv + c0 + c];
         if (c == DS && ks0 != nullptr) x = ks0[bh * M + m];
       }
-      S[idx] = x;
+      S[paired<PST>(m, c)] = x;
     }
   }
+  for (int idx = tid; idx < C * 8; idx += THREADS) {
+    const int r = idx / 8, c = DS + idx % 8;
+    Vs[paired<PST>(r, c)] = c == DS ? 1.f : 0.f;
+  }
+  for (int r = tid; r < C; r += THREADS) {
+    Qs[r * QST + DK] = 1.f;
+    Ks[r * QST + DK] = 1.f;
+  }
 
-  auto key_kept = [&](int j) -> bool {
-    return j < Lk && !(p.mask != nullptr && p.mask[static_cast<index_t>(b) * Lk + j]);
-  };
-  auto load_q = [&](int t0) {
-    for (int idx = tid; idx < C * (DK + 1); idx += THREADS) {
-      const int r = idx / (DK + 1), d = idx - r * (DK + 1);
-      float x = 1.f;
-      if (d < DK) x = (t0 + r < Lq && d < D) ? load_as<float>(q, (bh * Lq + t0 + r) * D + d) : 0.f;
-      Qs[r * QST + d] = x;
+  Stage st;
+  auto fetch_q = [&](int t0) {
+#pragma unroll
+    for (int i = 0; i < Stage::NQ; ++i) {
+      const int e = tid + i * THREADS, r = e / DK, d = e % DK;
+      st.q[i] = (t0 + r < Lq && d < D) ? q[(bh * Lq + t0 + r) * D + d] : zero;
     }
   };
-  auto load_kv = [&](int t0) {
-    for (int idx = tid; idx < C * (DK + 1); idx += THREADS) {
-      const int r = idx / (DK + 1), d = idx - r * (DK + 1);
-      const bool kp = key_kept(t0 + r);
-      float x = kp ? 1.f : 0.f;
-      if (d < DK) x = (kp && d < D) ? load_as<float>(k, (bh * Lk + t0 + r) * D + d) : 0.f;
-      Ks[r * QST + d] = x;
+  auto fetch_kv = [&](int t0) {
+#pragma unroll
+    for (int i = 0; i < Stage::NQ; ++i) {
+      const int e = tid + i * THREADS, r = e / DK, d = e % DK;
+      st.k[i] = (t0 + r < Lk && d < D) ? k[(bh * Lk + t0 + r) * D + d] : zero;
     }
-    for (int idx = tid; idx < C * (DS + 8); idx += THREADS) {
-      const int r = idx / (DS + 8), c = idx - r * (DS + 8);
-      float x = c == DS ? 1.f : 0.f;
-      if (c < ncols && key_kept(t0 + r)) x = load_as<float>(v, (bh * Lk + t0 + r) * Dv + c0 + c);
-      Vs[r * VST + c] = x;
+#pragma unroll
+    for (int i = 0; i < Stage::NV; ++i) {
+      const int e = tid + i * THREADS, r = e / DS, c = e % DS;
+      st.v[i] = (t0 + r < Lk && c < ncols) ? v[(bh * Lk + t0 + r) * Dv + c0 + c] : zero;
     }
-    if (tid < C) keep[tid] = key_kept(t0 + tid) ? 1.f : 0.f;
+    const int j = t0 + tid;
+    st.kept = tid < C && j < Lk && !(p.mask != nullptr && p.mask[static_cast<index_t>(b) * Lk + j]);
+  };
+  auto commit_q = [&]() {
+#pragma unroll
+    for (int i = 0; i < Stage::NQ; ++i) {
+      const int e = tid + i * THREADS, r = e / DK, d = e % DK;
+      Qs[r * QST + d] = Elem<T>::load(st.q[i]);
+    }
+  };
+  auto commit_kv = [&]() {
+#pragma unroll
+    for (int i = 0; i < Stage::NQ; ++i) {
+      const int e = tid + i * THREADS, r = e / DK, d = e % DK;
+      Ks[r * QST + d] = Elem<T>::load(st.k[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < Stage::NV; ++i) {
+      const int e = tid + i * THREADS, r = e / DS, c = e % DS;
+      Vs[paired<PST>(r, c)] = Elem<T>::load(st.v[i]);
+    }
+    if (tid < C) keep[tid] = st.kept ? 1.f : 0.f;
   };
 
-  // O (16 rows of this warp x (DS + 8) columns) += phi(Q) S.
+  // O (16 rows of this warp x NTO * 8 columns) += phi(Q) S.
   auto read_state = [&](float (&o)[NTO][4]) {
     const float* x0 = Qs + (warp * 16 + g) * QST;
     const float* x1 = x0 + 8 * QST;
     for (int f0 = 0; f0 < MP; f0 += 8) {
-      const int fA = f0 + t, fB = fA + 4;
-      const int abA = fab[fA], abB = fab[fB];
-      const int aA = abA & 0xffff, bA = abA >> 16, aB = abB & 0xffff, bB = abB >> 16;
-      const float cA = fcoef[fA], cB = fcoef[fB];
-      const float av[4] = {cA * x0[aA] * x0[bA], cA * x1[aA] * x1[bA], cB * x0[aB] * x0[bB], cB * x1[aB] * x1[bB]};
+      const FeatEntry eA = ftab[f0 + t], eB = ftab[f0 + t + 4];
+      const int aA = eA.ab & 0xffff, bA = eA.ab >> 16, aB = eB.ab & 0xffff, bB = eB.ab >> 16;
+      const float av[4] = {eA.coef * x0[aA] * x0[bA], eA.coef * x1[aA] * x1[bA], eB.coef * x0[aB] * x0[bB],
+                           eB.coef * x1[aB] * x1[bB]};
       Frag<SPLIT, 4> fa;
       fa.set(av);
+      const float* srow = S + ((f0 >> 3) * 4 + t) * (2 * PST) + 2 * g;
 #pragma unroll
       for (int nt = 0; nt < NTO; ++nt) {
-        const float bv[2] = {S[fA * SST + nt * 8 + g], S[fB * SST + nt * 8 + g]};
+        const float2 bv2 = *reinterpret_cast<const float2*>(srow + 16 * nt);  // rows f0 + t, f0 + t + 4
+        const float bv[2] = {bv2.x, bv2.y};
         Frag<SPLIT, 2> fb;
         fb.set(bv);
         mma<SPLIT>(o[nt], fa, fb);
@@ -156,7 +211,7 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS(THREADS) chunk_kernel(AttnParams p, FeatureCoefs
     }
   };
 
-  // S += phi(K)^T [V | 1] over the first nvalid tokens of the chunk in shared memory.
+  // S += phi(K)^T [V | 1] over the first nvalid tokens of the chunk (masked keys weigh 0).
   auto update_state = [&](int nvalid) {
     for (int mt = warp; mt < MP / 16; mt += WARPS) {
       const int m0 = mt * 16 + g, m1 = m0 + 8;
@@ -164,24 +219,26 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS(THREADS) chunk_kernel(AttnParams p, FeatureCoefs
 #pragma unroll
       for (int nt = 0; nt < NTO; ++nt) {
         const int col = nt * 8 + 2 * t;
-        u[nt][0] = S[m0 * SST + col];
-        u[nt][1] = S[m0 * SST + col + 1];
-        u[nt][2] = S[m1 * SST + col];
-        u[nt][3] = S[m1 * SST + col + 1];
+        u[nt][0] = S[paired<PST>(m0, col)];
+        u[nt][1] = S[paired<PST>(m0, col + 1)];
+        u[nt][2] = S[paired<PST>(m1, col)];
+        u[nt][3] = S[paired<PST>(m1, col + 1)];
       }
-      const int ab0 = fab[m0], ab1 = fab[m1];
-      const int a0 = ab0 & 0xffff, b0 = ab0 >> 16, a1 = ab1 & 0xffff, b1 = ab1 >> 16;
-      const float cf0 = fcoef[m0], cf1 = fcoef[m1];
+      const FeatEntry e0 = ftab[m0], e1 = ftab[m1];
+      const int a0 = e0.ab & 0xffff, b0 = e0.ab >> 16, a1 = e1.ab & 0xffff, b1 = e1.ab >> 16;
       for (int j0 = 0; j0 < nvalid; j0 += 8) {
         const float* kA = Ks + (j0 + t) * QST;
         const float* kB = kA + 4 * QST;
-        const float av[4] = {cf0 * kA[a0] * kA[b0], cf1 * kA[a1] * kA[b1], cf0 * kB[a0] * kB[b0],
-                             cf1 * kB[a1] * kB[b1]};
+        const float kpA = keep[j0 + t], kpB = keep[j0 + t + 4];
+        const float av[4] = {e0.coef * kA[a0] * kA[b0] * kpA, e1.coef * kA[a1] * kA[b1] * kpA,
+                             e0.coef * kB[a0] * kB[b0] * kpB, e1.coef * kB[a1] * kB[b1] * kpB};
         Frag<SPLIT, 4> fa;
         fa.set(av);
+        const float* vrow = Vs + ((j0 >> 3) * 4 + t) * (2 * PST) + 2 * g;
 #pragma unroll
         for (int nt = 0; nt < NTO; ++nt) {
-          const float bv[2] = {Vs[(j0 + t) * VST + nt * 8 + g], Vs[(j0 + t + 4) * VST + nt * 8 + g]};
+          const float2 bv2 = *reinterpret_cast<const float2*>(vrow + 16 * nt);  // keys j0 + t, j0 + t + 4
+          const float bv[2] = {bv2.x, bv2.y};
           Frag<SPLIT, 2> fb;
           fb.set(bv);
           mma<SPLIT>(u[nt], fa, fb);
@@ -190,53 +247,64 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS(THREADS) chunk_kernel(AttnParams p, FeatureCoefs
 #pragma unroll
       for (int nt = 0; nt < NTO; ++nt) {
         const int col = nt * 8 + 2 * t;
-        S[m0 * SST + col] = u[nt][0];
-        S[m0 * SST + col + 1] = u[nt][1];
-        S[m1 * SST + col] = u[nt][2];
-        S[m1 * SST + col + 1] = u[nt][3];
+        S[paired<PST>(m0, col)] = u[nt][0];
+        S[paired<PST>(m0, col + 1)] = u[nt][1];
+        S[paired<PST>(m1, col)] = u[nt][2];
+        S[paired<PST>(m1, col + 1)] = u[nt][3];
       }
     }
   };
 
   if (CAUSAL) {
     const bool want_state = p.kv_out != nullptr;
+    fetch_q(0);
+    fetch_kv(0);
+    commit_q();
+    commit_kv();
     for (int t0 = 0; t0 < Lq; t0 += C) {
-      load_q(t0);
-      load_kv(t0);
       LA_SYNC();
+      const bool more = t0 + C < Lq;
+      if (more) {  // the next chunk's loads fly while this one computes
+        fetch_q(t0 + C);
+        fetch_kv(t0 + C);
+      }
       float o[NTO][4];
 #pragma unroll
       for (int nt = 0; nt < NTO; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
       const int r0 = warp * 16;
       const int nkt = 2 * warp + 2;  // key tiles of 8 up to the warp's last row
+      // Key tiles are loaded as B operand of Q K^T with their 8 rows permuted, n -> key (n >> 1) + 4 (n & 1),
+      // so that a lane's accumulator columns 2t, 2t + 1 hold keys t, t + 4: exactly the k positions its A
+      // fragment of P V needs, and the rows of the paired V layout.
+      const int pg = (g >> 1) + 4 * (g & 1);
       for (int kt = 0; kt < nkt; ++kt) {
         float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int k0 = 0; k0 < DK; k0 += 8) {
           const float av[4] = {Qs[(r0 + g) * QST + k0 + t], Qs[(r0 + g + 8) * QST + k0 + t],
                                Qs[(r0 + g) * QST + k0 + t + 4], Qs[(r0 + g + 8) * QST + k0 + t + 4]};
-          const float bv[2] = {Ks[(kt * 8 + g) * QST + k0 + t], Ks[(kt * 8 + g) * QST + k0 + t + 4]};
+          const float bv[2] = {Ks[(kt * 8 + pg) * QST + k0 + t], Ks[(kt * 8 + pg) * QST + k0 + t + 4]};
           Frag<SPLIT, 4> fa;
           fa.set(av);
           Frag<SPLIT, 2> fb;
           fb.set(bv);
           mma<SPLIT>(s, fa, fb);
         }
-        float pr[4];
+        float pr[4];  // s[e]: row r0 + g + 8 (e >> 1), key kt*8 + t + 4 (e & 1)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int i = r0 + g + 8 * (e >> 1), j = kt * 8 + 2 * t + (e & 1);
+          const int i = r0 + g + 8 * (e >> 1), j = kt * 8 + t + 4 * (e & 1);
           const float x = s[e] * scale;
           pr[e] = (j <= i && keep[j] != 0.f) ? 1.f + x + 0.5f * x * x : 0.f;
         }
-        // P as the A operand with the 8 keys of the tile permuted: A column t <-> key 2t, column t+4 <->
-        // key 2t+1; the B operand (V rows) uses the same permutation, so the product is unchanged.
-        const float pv[4] = {pr[0], pr[2], pr[1], pr[3]};
+        const float pv[4] = {pr[0], pr[2], pr[1], pr[3]};  // A fragment: (g, t), (g+8, t), (g, t+4), (g+8, t+4)
         Frag<SPLIT, 4> pa;
         pa.set(pv);
+        const float* vrow = Vs + (kt * 4 + t) * (2 * PST) + 2 * g;
 #pragma unroll
         for (int nt = 0; nt < NTO; ++nt) {
-          const float bv[2] = {Vs[(kt * 8 + 2 * t) * VST + nt * 8 + g], Vs[(kt * 8 + 2 * t + 1) * VST + nt * 8 + g]};
+          const float2 bv2 = *reinterpret_cast<const float2*>(vrow + 16 * nt);  // keys kt*8 + t, kt*8 + t + 4
+          const float bv[2] = {bv2.x, bv2.y};
           Frag<SPLIT, 2> fb;
           fb.set(bv);
           mma<SPLIT>(o[nt], pa, fb);
@@ -245,20 +313,28 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS(THREADS) chunk_kernel(AttnParams p, FeatureCoefs
       read_state(o);
       write_out(o, t0);
       LA_SYNC();
-      const int nvalid = min(C, Lk - t0);
-      if (want_state || t0 + C < Lq) update_state(nvalid);
+      if (want_state || more) update_state(min(C, Lk - t0));
       LA_SYNC();
+      if (more) {
+        commit_q();
+        commit_kv();
+      }
     }
   } else {
+    fetch_kv(0);
     for (int t0 = 0; t0 < Lk; t0 += C) {
-      load_kv(t0);
+      commit_kv();
       LA_SYNC();
+      const bool more = t0 + C < Lk;
+      if (more) fetch_kv(t0 + C);
       update_state(min(C, Lk - t0));
       LA_SYNC();
     }
+    fetch_q(0);
     for (int t0 = 0; t0 < Lq; t0 += C) {
-      load_q(t0);
+      commit_q();
       LA_SYNC();
+      if (t0 + C < Lq) fetch_q(t0 + C);
       float o[NTO][4];
 #pragma unroll
       for (int nt = 0; nt < NTO; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
@@ -273,11 +349,11 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS(THREADS) chunk_kernel(AttnParams p, FeatureCoefs
   if (kv_out != nullptr) {
     for (int idx = tid; idx < M * DS; idx += THREADS) {
       const int m = idx / DS, c = idx - m * DS;
-      if (c < ncols) kv_out[(bh * M + m) * Dv + c0 + c] = S[m * SST + c];
+      if (c < ncols) kv_out[(bh * M + m) * Dv + c0 + c] = S[paired<PST>(m, c)];
     }
   }
   if (ks_out != nullptr && slice == 0) {
-    for (int m = tid; m < M; m += THREADS) ks_out[bh * M + m] = S[m * SST + DS];
+    for (int m = tid; m < M; m += THREADS) ks_out[bh * M + m] = S[paired<PST>(m, DS)];
   }
 }
 
@@ -325,9 +401,10 @@ void launch_chunk(DType dt, const AttnParams& p, int dv_slice, const DeviceInfo&
   TORCH_CHECK(chunk_supported(dt, p.D, p.Dv, dev), "linattn_cuda: the tensor-core chunked kernel does not support "
               "this dtype, D = ", p.D, " or this device");
   if (p.B * p.H == 0 || (p.Lq == 0 && p.kv_out == nullptr)) return;
-  if (dv_slice == 0) {  // auto: 64 columns per block when that still gives two blocks per SM, else 32
+  if (dv_slice == 0) {  // auto: 64 columns per block (fewer feature-map evaluations per mma) when that
+                        // still gives every SM a block, else 32 (twice the blocks)
     const index_t blocks64 = static_cast<index_t>(p.B) * p.H * ((p.Dv + 63) / 64);
-    dv_slice = (p.Dv > 32 && blocks64 >= 2 * dev.sm_count) ? 64 : 32;
+    dv_slice = (p.Dv > 32 && blocks64 >= dev.sm_count) ? 64 : 32;
   }
   if (p.D > 16) dv_slice = 32;
   const size_t smem64 = tc::Layout<16, 64>::smem_bytes((p.M + 15) / 16 * 16);

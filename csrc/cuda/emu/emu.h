@@ -39,6 +39,8 @@ struct Fiber {
   uint3 tid;
   int linear = 0;
   bool done = false;
+  const Barrier* waiting_on = nullptr;  // the barrier this fiber waits at (nullptr: runnable)
+  long waiting_generation = 0;
 };
 
 struct Block {
@@ -48,7 +50,8 @@ struct Block {
   std::vector<Fiber> fibers;
   Barrier block_barrier;
   std::vector<Barrier> warp_barriers;
-  std::vector<uint64_t> warp_slots;  // [warp][lane][8 words]
+  std::vector<uint64_t> warp_slots;  // [2 buffers][warp][lane][8 words]
+  std::vector<long> warp_epoch;      // per warp: collectives done (selects the buffer)
   std::vector<unsigned char> smem;
   ucontext_t scheduler;
   Fiber* current = nullptr;
@@ -96,7 +99,11 @@ inline void barrier_wait(Barrier& bar) {
     yield();  // let the scheduler pick who runs first after the barrier
     return;
   }
+  Fiber* f = b->current;
+  f->waiting_on = &bar;
+  f->waiting_generation = gen;
   while (bar.generation == gen) yield();
+  f->waiting_on = nullptr;
 }
 
 inline void syncthreads() { barrier_wait(current_block()->block_barrier); }
@@ -108,21 +115,32 @@ inline void syncwarp() {
   barrier_wait(b->warp_barriers[linear_tid() / 32]);
 }
 
-inline uint64_t* warp_slot(int warp, int lane) {
-  return current_block()->warp_slots.data() + (static_cast<size_t>(warp) * 32 + lane) * 8;
+// Warp collectives exchange values through per-lane slots, double-buffered by the warp's collective count:
+// a lane can only start collective n + 2 after every lane arrived at n + 1, i.e. finished reading n.
+inline uint64_t* warp_slot(int warp, int lane, long epoch) {
+  Block* b = current_block();
+  const size_t nwarps = b->warp_barriers.size();
+  return b->warp_slots.data() + ((static_cast<size_t>(epoch & 1) * nwarps + warp) * 32 + lane) * 8;
+}
+
+// Deposits this lane's words, waits for the whole warp, returns the epoch whose slots to read.
+inline long warp_exchange(const uint64_t* words, int n) {
+  Block* b = current_block();
+  const int tid = linear_tid(), warp = tid / 32, lane = tid % 32;
+  const long epoch = b->warp_epoch[tid]++;
+  uint64_t* slot = warp_slot(warp, lane, epoch);
+  for (int i = 0; i < n; ++i) slot[i] = words[i];
+  barrier_wait(b->warp_barriers[warp]);
+  return epoch;
 }
 
 template <class T>
 T shfl(T v, int src_lane) {
   static_assert(sizeof(T) <= 8, "shfl of values up to 8 bytes");
-  Block* b = current_block();
-  const int tid = linear_tid(), warp = tid / 32, lane = tid % 32;
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
-  warp_slot(warp, lane)[0] = bits;
-  barrier_wait(b->warp_barriers[warp]);
-  const uint64_t got = warp_slot(warp, src_lane & 31)[0];
-  barrier_wait(b->warp_barriers[warp]);
+  const long epoch = warp_exchange(&bits, 1);
+  const uint64_t got = warp_slot(linear_tid() / 32, src_lane & 31, epoch)[0];
   T out;
   std::memcpy(&out, &got, sizeof(T));
   return out;
@@ -145,13 +163,9 @@ inline float tf32_value(uint32_t bits) {  // the tensor core ignores the 13 low 
 // A (16x8): a_r holds (row g + 8*(r%2), col t + 4*(r/2)); B (8x8): b_r holds (row t + 4*r, col g);
 // C/D (16x8): c_r holds (row g + 8*(r/2), col 2*t + r%2).
 inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  Block* blk = current_block();
   const int tid = linear_tid(), warp = tid / 32, lane = tid % 32;
-  uint64_t* slot = warp_slot(warp, lane);
-  for (int r = 0; r < 4; ++r) slot[r] = a[r];
-  slot[4] = b[0];
-  slot[5] = b[1];
-  barrier_wait(blk->warp_barriers[warp]);
+  const uint64_t words[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  const long epoch = warp_exchange(words, 6);
   const int g = lane / 4, t = lane % 4;
   float res[4];
   for (int r = 0; r < 4; ++r) {
@@ -160,13 +174,12 @@ inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32
     for (int kk = 0; kk < 8; ++kk) {
       const int a_lane = (row % 8) * 4 + kk % 4, a_reg = (row / 8) + 2 * (kk / 4);
       const int b_lane = col * 4 + kk % 4, b_reg = kk / 4;
-      const float av = tf32_value(static_cast<uint32_t>(warp_slot(warp, a_lane)[a_reg]));
-      const float bv = tf32_value(static_cast<uint32_t>(warp_slot(warp, b_lane)[4 + b_reg]));
+      const float av = tf32_value(static_cast<uint32_t>(warp_slot(warp, a_lane, epoch)[a_reg]));
+      const float bv = tf32_value(static_cast<uint32_t>(warp_slot(warp, b_lane, epoch)[4 + b_reg]));
       acc += static_cast<double>(av) * static_cast<double>(bv);
     }
     res[r] = static_cast<float>(acc);
   }
-  barrier_wait(blk->warp_barriers[warp]);
   for (int r = 0; r < 4; ++r) d[r] = res[r];
 }
 
@@ -191,7 +204,8 @@ inline void launch(dim3 grid, dim3 block, size_t smem_bytes, std::function<void(
         b.block_barrier.expected = nthreads;
         b.warp_barriers.resize(nthreads / 32);
         for (auto& w : b.warp_barriers) w.expected = 32;
-        b.warp_slots.assign(static_cast<size_t>(nthreads) * 8, 0);
+        b.warp_slots.assign(static_cast<size_t>(nthreads) * 8 * 2, 0);
+        b.warp_epoch.assign(nthreads, 0);
         b.smem.assign(smem_bytes + 16, 0xff);  // 0xff bytes: NaN as float and double
         b.fibers.resize(nthreads);
         current_block() = &b;
@@ -208,20 +222,35 @@ inline void launch(dim3 grid, dim3 block, size_t smem_bytes, std::function<void(
         }
         std::vector<int> order(nthreads);
         std::iota(order.begin(), order.end(), 0);
+        // Warps run at different random speeds (a warp is resumed in a pass with probability speed[w]), so
+        // that a missing __syncthreads between warps that write and read the same shared memory shows up.
+        const int nwarps = nthreads / 32;
+        std::vector<double> speed(nwarps);
+        static const double kSpeeds[] = {1.0, 0.5, 0.25};
+        for (auto& s : speed) s = kSpeeds[rng()() % 3];
+        std::uniform_real_distribution<double> coin(0.0, 1.0);
+        std::vector<char> run_warp(nwarps);
         std::string error;
         for (;;) {
           std::shuffle(order.begin(), order.end(), rng());
+          bool skipped = false;
+          for (int w = 0; w < nwarps; ++w) {
+            run_warp[w] = coin(rng()) < speed[w];
+            skipped |= !run_warp[w];
+          }
           const long before = b.progress;
           bool alive = false;
           for (int i : order) {
             Fiber& f = b.fibers[i];
             if (f.done) continue;
             alive = true;
+            if (!run_warp[i / 32]) continue;
+            if (f.waiting_on != nullptr && f.waiting_on->generation == f.waiting_generation) continue;  // blocked
             b.current = &f;
             swapcontext(&b.scheduler, &f.ctx);
           }
           if (!alive) break;
-          if (b.progress == before) {
+          if (b.progress == before && !skipped) {
             int finished = 0;
             for (auto& f : b.fibers) finished += f.done;
             error = "emu: deadlock in block (" + std::to_string(bx) + "," + std::to_string(by) + "," +
