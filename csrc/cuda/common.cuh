@@ -17,6 +17,7 @@
 #define LA_HOST_DEVICE inline
 #define LA_GLOBAL
 #define LA_LAUNCH_BOUNDS(n)
+#define LA_LAUNCH_BOUNDS2(n, m)
 #define LA_DYN_SMEM(T, name) T* name = reinterpret_cast<T*>(::emu::shared_memory())
 #define LA_SYNC() ::emu::syncthreads()
 using la_stream_t = void*;
@@ -34,6 +35,7 @@ using std::min;
 #define LA_HOST_DEVICE __host__ __device__ __forceinline__
 #define LA_GLOBAL __global__
 #define LA_LAUNCH_BOUNDS(n) __launch_bounds__(n)
+#define LA_LAUNCH_BOUNDS2(n, m) __launch_bounds__(n, m)
 #define LA_DYN_SMEM(T, name)                                  \
   extern __shared__ __align__(16) unsigned char la_smem_raw[]; \
   T* name = reinterpret_cast<T*>(la_smem_raw)

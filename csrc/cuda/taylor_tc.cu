@@ -12,8 +12,8 @@
 // rounding. All products are mma.sync m16n8k8 tf32 with fp32 accumulation: fp16/bf16 inputs are exact in
 // tf32; the feature values, P and S are rounded to tf32 (rel. 2^-11). fp32 inputs use 3xTF32 (SPLIT).
 // Non-causal: first S over all keys (chunk by chunk), then every query chunk reads S.
-// The next chunk's inputs are loaded into registers while the current chunk computes (one global latency
-// per chunk is hidden), and S and V are stored so that each B fragment is one conflict-free 64-bit load.
+// A chunk's inputs are loaded with all loads in flight at once (the other resident blocks compute meanwhile),
+// and S and V are stored so that each B fragment is one conflict-free 64-bit load.
 #include "launch_util.cuh"
 
 namespace linattn {
@@ -49,22 +49,16 @@ struct alignas(8) FeatEntry {
   float coef;
 };
 
-// Register staging of the next chunk's inputs (loads in flight while the current chunk computes).
-template <class T, int DK, int DS>
-struct Staging {
-  static constexpr int NQ = C * DK / THREADS;
-  static constexpr int NV = C * DS / THREADS;
-  T q[NQ];
-  T k[NQ];
-  T v[NV];
-  bool kept;
-};
+template <int DK, int DS>
+constexpr int min_blocks() {
+  return DK > 16 ? 1 : (DS > 32 ? 2 : 4);
+}
 
 template <class T, bool SPLIT, int DK, int DS, bool CAUSAL>
-LA_GLOBAL void LA_LAUNCH_BOUNDS(THREADS) chunk_kernel(AttnParams p, FeatureCoefs<float> fc, int MP, int nslices) {
+LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (min_blocks<DK, DS>())) chunk_kernel(AttnParams p, FeatureCoefs<float> fc, int MP, int nslices) {
   using L = Layout<DK, DS>;
   constexpr int QST = L::QST, NTO = L::NTO, PST = L::PST;
-  using Stage = Staging<T, DK, DS>;
+  constexpr int NQ = C * DK / THREADS, NV = C * DS / THREADS;  // loads per thread per chunk
   LA_DYN_SMEM(float, sm);
   float* S = sm;                                                // paired [MP][NTO * 8]
   float* Vs = S + MP * PST;                                     // paired [C][NTO * 8]
@@ -84,7 +78,6 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS(THREADS) chunk_kernel(AttnParams p, FeatureCoefs
   const int c0 = slice * DS;
   const int ncols = min(DS, Dv - c0);
   const float scale = static_cast<float>(p.scale);
-  const T zero = Elem<T>::store(0.f);
 
   // Feature table, initial state, constant columns.
   for (int m = tid; m < MP; m += THREADS) {
@@ -116,53 +109,35 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS(THREADS) chunk_kernel(AttnParams p, FeatureCoefs
     Ks[r * QST + DK] = 1.f;
   }
 
-  Stage st;
-  auto fetch_q = [&](int t0) {
+  // Chunk loads: fixed trip counts, so every load of the chunk is in flight before the first store.
+  auto load_q = [&](int t0) {
 #pragma unroll
-    for (int i = 0; i < Stage::NQ; ++i) {
+    for (int i = 0; i < NQ; ++i) {
       const int e = tid + i * THREADS, r = e / DK, d = e % DK;
-      st.q[i] = (t0 + r < Lq && d < D) ? q[(bh * Lq + t0 + r) * D + d] : zero;
+      Qs[r * QST + d] = (t0 + r < Lq && d < D) ? Elem<T>::load(q[(bh * Lq + t0 + r) * D + d]) : 0.f;
     }
   };
-  auto fetch_kv = [&](int t0) {
+  auto load_kv = [&](int t0) {
 #pragma unroll
-    for (int i = 0; i < Stage::NQ; ++i) {
+    for (int i = 0; i < NQ; ++i) {
       const int e = tid + i * THREADS, r = e / DK, d = e % DK;
-      st.k[i] = (t0 + r < Lk && d < D) ? k[(bh * Lk + t0 + r) * D + d] : zero;
+      Ks[r * QST + d] = (t0 + r < Lk && d < D) ? Elem<T>::load(k[(bh * Lk + t0 + r) * D + d]) : 0.f;
     }
 #pragma unroll
-    for (int i = 0; i < Stage::NV; ++i) {
+    for (int i = 0; i < NV; ++i) {
       const int e = tid + i * THREADS, r = e / DS, c = e % DS;
-      st.v[i] = (t0 + r < Lk && c < ncols) ? v[(bh * Lk + t0 + r) * Dv + c0 + c] : zero;
+      Vs[paired<PST>(r, c)] =
+          (t0 + r < Lk && c < ncols) ? Elem<T>::load(v[(bh * Lk + t0 + r) * Dv + c0 + c]) : 0.f;
     }
     const int j = t0 + tid;
-    st.kept = tid < C && j < Lk && !(p.mask != nullptr && p.mask[static_cast<index_t>(b) * Lk + j]);
-  };
-  auto commit_q = [&]() {
-#pragma unroll
-    for (int i = 0; i < Stage::NQ; ++i) {
-      const int e = tid + i * THREADS, r = e / DK, d = e % DK;
-      Qs[r * QST + d] = Elem<T>::load(st.q[i]);
-    }
-  };
-  auto commit_kv = [&]() {
-#pragma unroll
-    for (int i = 0; i < Stage::NQ; ++i) {
-      const int e = tid + i * THREADS, r = e / DK, d = e % DK;
-      Ks[r * QST + d] = Elem<T>::load(st.k[i]);
-    }
-#pragma unroll
-    for (int i = 0; i < Stage::NV; ++i) {
-      const int e = tid + i * THREADS, r = e / DS, c = e % DS;
-      Vs[paired<PST>(r, c)] = Elem<T>::load(st.v[i]);
-    }
-    if (tid < C) keep[tid] = st.kept ? 1.f : 0.f;
+    if (tid < C) keep[tid] = (j < Lk && !(p.mask != nullptr && p.mask[static_cast<index_t>(b) * Lk + j])) ? 1.f : 0.f;
   };
 
   // O (16 rows of this warp x NTO * 8 columns) += phi(Q) S.
   auto read_state = [&](float (&o)[NTO][4]) {
     const float* x0 = Qs + (warp * 16 + g) * QST;
     const float* x1 = x0 + 8 * QST;
+    #pragma unroll 1
     for (int f0 = 0; f0 < MP; f0 += 8) {
       const FeatEntry eA = ftab[f0 + t], eB = ftab[f0 + t + 4];
       const int aA = eA.ab & 0xffff, bA = eA.ab >> 16, aB = eB.ab & 0xffff, bB = eB.ab >> 16;
@@ -213,6 +188,7 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS(THREADS) chunk_kernel(AttnParams p, FeatureCoefs
 
   // S += phi(K)^T [V | 1] over the first nvalid tokens of the chunk (masked keys weigh 0).
   auto update_state = [&](int nvalid) {
+    #pragma unroll 1
     for (int mt = warp; mt < MP / 16; mt += WARPS) {
       const int m0 = mt * 16 + g, m1 = m0 + 8;
       float u[NTO][4];
@@ -226,6 +202,7 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS(THREADS) chunk_kernel(AttnParams p, FeatureCoefs
       }
       const FeatEntry e0 = ftab[m0], e1 = ftab[m1];
       const int a0 = e0.ab & 0xffff, b0 = e0.ab >> 16, a1 = e1.ab & 0xffff, b1 = e1.ab >> 16;
+      #pragma unroll 1
       for (int j0 = 0; j0 < nvalid; j0 += 8) {
         const float* kA = Ks + (j0 + t) * QST;
         const float* kB = kA + 4 * QST;
@@ -257,17 +234,10 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS(THREADS) chunk_kernel(AttnParams p, FeatureCoefs
 
   if (CAUSAL) {
     const bool want_state = p.kv_out != nullptr;
-    fetch_q(0);
-    fetch_kv(0);
-    commit_q();
-    commit_kv();
     for (int t0 = 0; t0 < Lq; t0 += C) {
+      load_q(t0);
+      load_kv(t0);
       LA_SYNC();
-      const bool more = t0 + C < Lq;
-      if (more) {  // the next chunk's loads fly while this one computes
-        fetch_q(t0 + C);
-        fetch_kv(t0 + C);
-      }
       float o[NTO][4];
 #pragma unroll
       for (int nt = 0; nt < NTO; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
@@ -277,6 +247,7 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS(THREADS) chunk_kernel(AttnParams p, FeatureCoefs
       // so that a lane's accumulator columns 2t, 2t + 1 hold keys t, t + 4: exactly the k positions its A
       // fragment of P V needs, and the rows of the paired V layout.
       const int pg = (g >> 1) + 4 * (g & 1);
+      #pragma unroll 1
       for (int kt = 0; kt < nkt; ++kt) {
         float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -313,28 +284,19 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS(THREADS) chunk_kernel(AttnParams p, FeatureCoefs
       read_state(o);
       write_out(o, t0);
       LA_SYNC();
-      if (want_state || more) update_state(min(C, Lk - t0));
+      if (want_state || t0 + C < Lq) update_state(min(C, Lk - t0));
       LA_SYNC();
-      if (more) {
-        commit_q();
-        commit_kv();
-      }
     }
   } else {
-    fetch_kv(0);
     for (int t0 = 0; t0 < Lk; t0 += C) {
-      commit_kv();
+      load_kv(t0);
       LA_SYNC();
-      const bool more = t0 + C < Lk;
-      if (more) fetch_kv(t0 + C);
       update_state(min(C, Lk - t0));
       LA_SYNC();
     }
-    fetch_q(0);
     for (int t0 = 0; t0 < Lq; t0 += C) {
-      commit_q();
+      load_q(t0);
       LA_SYNC();
-      if (t0 + C < Lq) fetch_q(t0 + C);
       float o[NTO][4];
 #pragma unroll
       for (int nt = 0; nt < NTO; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
