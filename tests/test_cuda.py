@@ -336,12 +336,9 @@ def plain_grads(q, k, v, causal, scale, mask, dout):
     return torch.autograd.grad(out, (qp, kp, vp), dout)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
-@pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: c.id)
-def test_backward(ops, case, dtype):
-    _skip_if_too_big(case, ops, dtype, "quadratic", factor=3.0)
-    q, k, v, mask = make_inputs(case, dtype, ops.device)
-    scale = case.D**-0.5
+def _check_backward(ops, case, dtype, scale=None, seed=0):
+    q, k, v, mask = make_inputs(case, dtype, ops.device, seed=seed)
+    scale = case.D**-0.5 if scale is None else scale
     out, den = ops.fwd(q, k, v, mask, case.causal, scale)
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(ops.device, dtype)
     dq, dk, dv = ops.bwd(dout, q, k, v, mask, out, den, case.causal, scale)
@@ -353,6 +350,30 @@ def test_backward(ops, case, dtype):
     if mask is not None:
         masked = mask[:, None, :].expand(case.B, case.H, case.Lk)
         assert (dk[masked] == 0).all() and (dv[masked] == 0).all(), "masked keys must get zero gradients"
+
+
+@pytest.mark.parametrize("form", ["quadratic", "linear"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: c.id)
+def test_backward(ops, monkeypatch, case, dtype, form):
+    """The backward of both forms (the linear one: tensor-core chunked kernels for D <= 32)."""
+    _skip_if_too_big(case, ops, dtype, form, factor=3.0)
+    _set_form(monkeypatch, form)
+    _check_backward(ops, case, dtype)
+
+
+@pytest.mark.parametrize("dv_slice", [32, 64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize(
+    "case",
+    [C(2, 2, 200, 16, 96, causal=True, mask="mask"), C(1, 2, 150, 16, 250, causal=True, mask="fullmask"),
+     C(1, 2, 90, 9, 64, mask="mask", Lk=130), C(2, 1, 100, 24, 72, causal=True, mask="mask")],
+    ids=lambda c: c.id,
+)
+def test_backward_dv_slices(ops, monkeypatch, case, dtype, dv_slice):
+    """The chunked backward with 32 and 64 value columns per block: dq and dk summed over slices."""
+    _set_form(monkeypatch, "linear", dv_slice)
+    _check_backward(ops, case, dtype, scale=0.3, seed=1)
 
 
 def test_backward_float64(ops):

@@ -21,6 +21,8 @@
 #define LA_DYN_SMEM(T, name) T* name = reinterpret_cast<T*>(::emu::shared_memory())
 #define LA_SYNC() ::emu::syncthreads()
 using la_stream_t = void*;
+#define LA_SYNCWARP() ::emu::syncwarp()
+inline void la_atomic_add_shared(float* p, float v) { *p += v; }  // fibers never interleave within it
 template <class T>
 inline T la_shfl(T v, int src_lane) { return ::emu::shfl(v, src_lane); }
 template <class T>
@@ -41,6 +43,8 @@ using std::min;
   T* name = reinterpret_cast<T*>(la_smem_raw)
 #define LA_SYNC() __syncthreads()
 using la_stream_t = cudaStream_t;
+#define LA_SYNCWARP() __syncwarp()
+__device__ __forceinline__ void la_atomic_add_shared(float* p, float v) { atomicAdd(p, v); }
 template <class T>
 __device__ __forceinline__ T la_shfl(T v, int src_lane) { return __shfl_sync(0xffffffffu, v, src_lane); }
 template <class T>
@@ -271,7 +275,7 @@ struct DeviceInfo {
 
 // Quadratic (tiled) forward on CUDA cores; any D <= 128, Dv <= 256; honours num0/den0.
 void launch_quad_fwd(DType dt, const AttnParams& p, const DeviceInfo& dev, la_stream_t stream);
-// Quadratic backward on CUDA cores (three kernels: dout/den and delta, dq, dk+dv).
+// Quadratic backward on CUDA cores (dq per query block, dk and dv per key block), after launch_bwd_prep.
 void launch_quad_bwd(DType dt, const BwdParams& p, const DeviceInfo& dev, la_stream_t stream);
 // kv_out = kv0 + sum_j phi(k_j) v_j^T over unmasked keys, ks_out likewise (CUDA cores).
 void launch_state_accum(DType dt, const AttnParams& p, const DeviceInfo& dev, la_stream_t stream);
@@ -288,5 +292,14 @@ int step_num_blocks(int M);
 // Returns false (launching nothing) when the shape is outside what the kernel supports.
 bool chunk_supported(DType dt, int D, int Dv, const DeviceInfo& dev);
 void launch_chunk(DType dt, const AttnParams& p, int dv_slice, const DeviceInfo& dev, la_stream_t stream);
+// Tensor-core chunked backward (same support as the forward), from p.gt / p.delta of the prep kernel.
+// The value columns are split in slices of chunk_bwd_dv_slice(...) columns; with more than one slice, dq and
+// dk are summed from float32 partials dq_part [nslices, BH, Lq, D] and dk_part [nslices, BH, Lk, D].
+bool chunk_bwd_supported(DType dt, int D, int Dv, const DeviceInfo& dev);
+int chunk_bwd_dv_slice(const BwdParams& p, int setting, const DeviceInfo& dev);
+void launch_chunk_bwd(DType dt, const BwdParams& p, int dv_slice, float* dq_part, float* dk_part,
+                      const DeviceInfo& dev, la_stream_t stream);
+// gt = dout / den and delta = gt . out (the first step of every backward).
+void launch_bwd_prep(DType dt, const BwdParams& p, la_stream_t stream);
 
 }  // namespace linattn

@@ -342,7 +342,25 @@ inline std::tuple<Tensor, Tensor, Tensor> taylor_bwd(const Tensor& grad_out_in, 
   p.Dv = static_cast<int>(d.Dv);
   p.causal = causal;
   p.scale = scale;
-  launch_quad_bwd(dtype_of(q), p, device_info(q), current_stream(q));
+  const DType dt = dtype_of(q);
+  const DeviceInfo dev = device_info(q);
+  const la_stream_t stream = current_stream(q);
+  launch_bwd_prep(dt, p, stream);
+  if (choose_form(dt, d, causal, dev) == Form::LinearTC &&
+      chunk_bwd_supported(dt, static_cast<int>(d.D), static_cast<int>(d.Dv), dev)) {
+    const int ds = chunk_bwd_dv_slice(p, dv_slice_setting(), dev);
+    const int64_t nslices = (d.Dv + ds - 1) / ds;
+    Tensor dq_part, dk_part;
+    if (nslices > 1) {  // dq and dk are sums over the value-column slices
+      const auto f32 = q.options().dtype(at::kFloat);
+      dq_part = new_buffer({nslices, d.B * d.H * d.Lq * d.D}, f32);
+      dk_part = new_buffer({nslices, d.B * d.H * d.Lk * d.D}, f32);
+    }
+    launch_chunk_bwd(dt, p, ds, dq_part.defined() ? dq_part.data_ptr<float>() : nullptr,
+                     dk_part.defined() ? dk_part.data_ptr<float>() : nullptr, dev, stream);
+  } else {
+    launch_quad_bwd(dt, p, dev, stream);
+  }
   return {dq, dk, dv};
 }
 

@@ -690,6 +690,17 @@ void launch_quad_fwd(DType dt, const AttnParams& p, const DeviceInfo& dev, la_st
   });
 }
 
+void launch_bwd_prep(DType dt, const BwdParams& p, la_stream_t stream) {
+  using namespace simt;
+  const index_t rows = static_cast<index_t>(p.B) * p.H * p.Lq;
+  if (rows == 0) return;
+  LA_DISPATCH_TYPES(dt, {
+    auto prep = bwd_prep_kernel<T, A>;
+    LA_LAUNCH(prep, dim3(ceil_div(rows, kThreads / 32)), dim3(kThreads), 0, stream, p, rows);
+  });
+}
+
+// After launch_bwd_prep.
 void launch_quad_bwd(DType dt, const BwdParams& p, const DeviceInfo& dev, la_stream_t stream) {
   using namespace simt;
   const index_t rows = static_cast<index_t>(p.B) * p.H * p.Lq;
@@ -697,8 +708,6 @@ void launch_quad_bwd(DType dt, const BwdParams& p, const DeviceInfo& dev, la_str
     constexpr int BT = sizeof(A) == 8 ? 16 : 32;  // tiles of 16 in double keep shared memory under 110 KiB
     const int DP = p.D + 1, VP = p.Dv + 1;
     if (rows > 0) {
-      auto prep = bwd_prep_kernel<T, A>;
-      LA_LAUNCH(prep, dim3(ceil_div(rows, kThreads / 32)), dim3(kThreads), 0, stream, p, rows);
       const size_t smem_dq = sizeof(A) * (2 * BT * DP + 2 * BT * VP + BT * (BT + 1) + 2 * BT);
       auto dq = quad_bwd_dq_kernel<T, A, BT, BT>;
       prepare_smem(dq, smem_dq, dev, "quadratic backward (dq)");
