@@ -85,6 +85,7 @@ def _poison(monkeypatch):
     monkeypatch.delenv("LINATTN_CUDA_FORM", raising=False)
     monkeypatch.delenv("LINATTN_CUDA_TC", raising=False)
     monkeypatch.delenv("LINATTN_CUDA_DV_SLICE", raising=False)
+    monkeypatch.delenv("LINATTN_CUDA_SEGMENTS", raising=False)
 
 
 # ------------------------------------------------------------------------------------------------ cases
@@ -395,6 +396,37 @@ def test_backward_noncontiguous_grad(ops):
     got = ops.bwd(dout, q, k, v, None, out, den, True, 0.5)
     for g_, e in zip(got, reference_grads(q, k, v, True, 0.5, None, dout)):
         torch.testing.assert_close(g_.double(), e, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ segments
+
+
+SEG_CASES = [C(1, 2, 300, 16, 40, causal=True, mask="mask"), C(1, 1, 257, 24, 64, causal=True, mask="fullmask"),
+             C(2, 1, 520, 5, 17, causal=True)]
+
+
+@pytest.mark.parametrize("segments", [1, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("case", SEG_CASES, ids=lambda c: c.id)
+def test_segments(ops, monkeypatch, case, dtype, segments):
+    """The causal chunked kernels split in sequence segments (parallelism beyond batch * heads): forward,
+    prefill from a state (final state from the segments' states) and backward."""
+    _set_form(monkeypatch, "linear")
+    monkeypatch.setenv("LINATTN_CUDA_SEGMENTS", str(segments))
+    q, k, v, mask = make_inputs(case, dtype, ops.device, seed=6)
+    scale = case.D**-0.5
+    out, den = ops.fwd(q, k, v, mask, True, scale)
+    out64, den64 = reference_fwd(q, k, v, True, scale, mask)
+    assert_close_rule("out", out, out64, plain_attention(q, k, v, True, scale, mask), dtype)
+    torch.testing.assert_close(den.double(), den64, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-6)
+    state = _random_state(case.B, case.H, case.D, case.Dv, torch.float32, ops.device)
+    outp, kv, ks = ops.prefill(q, k, v, mask, state[0], state[1], scale)
+    outp64, st64 = ref.taylor_attention_chunked(q.double(), k.double(), v.double(), scale=scale,
+                                                key_padding_mask=mask,
+                                                initial_state=ref.TaylorState(state[0].double(), state[1].double()))
+    assert_close_rule("prefill out", outp, outp64, outp64.to(dtype), dtype)
+    _state_close((kv, ks), st64, dtype)
+    _check_backward(ops, case, dtype, scale=scale, seed=6)
 
 
 # ------------------------------------------------------------------------------------------------ prefill, step

@@ -230,6 +230,12 @@ struct AttnParams {
   int B, H, Lq, Lk, D, Dv, M;
   bool causal;
   double scale;
+  // Chunked kernels only: the sequence split in nseg segments of seg_len tokens (a multiple of 64), one block
+  // per (batch*head, segment, value slice); states kv0/ks0/kv_out/ks_out are then indexed by
+  // (batch*head)*nseg + segment. state_only: only accumulate each segment's state into kv_out/ks_out.
+  int nseg;
+  int seg_len;
+  bool state_only;
 };
 
 struct BwdParams {
@@ -248,6 +254,18 @@ struct BwdParams {
   int B, H, Lq, Lk, D, Dv;
   bool causal;
   double scale;
+  // Chunked causal backward split in segments (as AttnParams): kernel A starts each segment from the key
+  // state s0/sz0 = sum phi(k) [v | 1] of the earlier segments; kernel B from r0/rz0 = sum phi(q) [gt | -delta]
+  // of the later ones. state_only: kernel B only accumulates each segment's r into r_out/rz_out.
+  int nseg;
+  int seg_len;
+  bool state_only;
+  const float* s0;   // [BH * nseg, M, Dv] or null
+  const float* sz0;  // [BH * nseg, M]
+  const float* r0;
+  const float* rz0;
+  float* r_out;
+  float* rz_out;
 };
 
 struct StepParams {
@@ -292,6 +310,8 @@ int step_num_blocks(int M);
 // Returns false (launching nothing) when the shape is outside what the kernel supports.
 bool chunk_supported(DType dt, int D, int Dv, const DeviceInfo& dev);
 void launch_chunk(DType dt, const AttnParams& p, int dv_slice, const DeviceInfo& dev, la_stream_t stream);
+// The value columns per block launch_chunk uses for dv_slice = setting (0: automatic).
+int chunk_dv_slice(const AttnParams& p, int setting, const DeviceInfo& dev);
 // Tensor-core chunked backward (same support as the forward), from p.gt / p.delta of the prep kernel.
 // The value columns are split in slices of chunk_bwd_dv_slice(...) columns; with more than one slice, dq and
 // dk are summed from float32 partials dq_part [nslices, BH, Lq, D] and dk_part [nslices, BH, Lk, D].

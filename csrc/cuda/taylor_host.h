@@ -8,6 +8,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdlib>
@@ -213,6 +214,53 @@ inline int dv_slice_setting() {
   return 0;
 }
 
+// Sequence segments for the chunked kernels when batch*heads*value-slices leave SMs idle: each segment of
+// seg_len tokens (whole chunks of 64) gets its own blocks, started from the state of the tokens before it
+// (a first pass computes every segment's own state, then prefix sums). LINATTN_CUDA_SEGMENTS=n forces n.
+struct Segments {
+  int64_t nseg = 1;
+  int64_t seg_len = 0;
+};
+
+inline Segments choose_segments(int64_t BH, int64_t L, int64_t slices, const DeviceInfo& dev) {
+  constexpr int64_t kChunk = 64;
+  const int64_t nchunks = (L + kChunk - 1) / kChunk;
+  int64_t n = 1;
+  const std::string forced = env_str("LINATTN_CUDA_SEGMENTS");
+  if (!forced.empty()) {
+    n = std::atoll(forced.c_str());
+  } else {
+    const int64_t blocks = BH * slices;
+    if (blocks > 0 && blocks < dev.sm_count && nchunks >= 4) {
+      n = std::min<int64_t>((2 * dev.sm_count + blocks - 1) / blocks, nchunks / 2);  // >= 2 chunks each
+    }
+  }
+  n = std::max<int64_t>(1, std::min<int64_t>({n, nchunks, 64}));
+  Segments s;
+  if (n <= 1) return s;
+  s.seg_len = (nchunks + n - 1) / n * kChunk;
+  s.nseg = (L + s.seg_len - 1) / s.seg_len;
+  if (s.nseg <= 1) return Segments{};
+  return s;
+}
+
+// Exclusive prefix (reverse=false: sum of the segments before) or suffix (reverse=true: after) sums over
+// dim 2 of a [B, H, nseg, ...] float32 tensor, plus `base` (or nothing) broadcast over the segments.
+inline Tensor exclusive_segment_sums(const Tensor& x, bool reverse, const Tensor& base) {
+  const int64_t n = x.size(2);
+  Tensor out = new_buffer(x.sizes(), x.options());
+  Tensor incl = reverse ? x.flip({2}).cumsum(2).flip({2}) : x.cumsum(2);
+  if (reverse) {
+    out.narrow(2, 0, n - 1).copy_(incl.narrow(2, 1, n - 1));
+    out.narrow(2, n - 1, 1).zero_();
+  } else {
+    out.narrow(2, 0, 1).zero_();
+    out.narrow(2, 1, n - 1).copy_(incl.narrow(2, 0, n - 1));
+  }
+  if (base.defined()) out.add_(base.unsqueeze(2));
+  return out;
+}
+
 inline AttnParams attn_params(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask,
                               const Dims& d, bool causal, double scale) {
   AttnParams p{};
@@ -239,6 +287,56 @@ inline std::optional<Tensor> contiguous_mask(const std::optional<Tensor>& mask) 
 
 // ------------------------------------------------------------------------------------------ ops
 
+// The tensor-core causal walk from the state (kv0, ks0) (undefined: zero), writing p.out / p.den and, when
+// kv_out is given, the final state; split in sequence segments when that adds parallelism. f32: float32
+// options on the device.
+inline void chunk_causal_forward(DType dt, AttnParams p, const Dims& d, const at::TensorOptions& f32,
+                                 const Tensor& kv0, const Tensor& ks0, Tensor* kv_out, Tensor* ks_out,
+                                 const DeviceInfo& dev, la_stream_t stream) {
+  const int setting = dv_slice_setting();
+  const int ds1 = chunk_dv_slice(p, setting, dev);
+  const Segments sg = choose_segments(d.B * d.H, d.Lq, (d.Dv + ds1 - 1) / ds1, dev);
+  p.kv0 = kv0.defined() ? kv0.data_ptr() : nullptr;
+  p.ks0 = ks0.defined() ? ks0.data_ptr() : nullptr;
+  p.kv_out = kv_out != nullptr ? kv_out->data_ptr() : nullptr;
+  p.ks_out = ks_out != nullptr ? ks_out->data_ptr() : nullptr;
+  if (sg.nseg <= 1) {
+    launch_chunk(dt, p, setting, dev, stream);
+    return;
+  }
+  const int64_t M = p.M;
+  p.nseg = static_cast<int>(sg.nseg);
+  p.seg_len = static_cast<int>(sg.seg_len);
+  const int ds = chunk_dv_slice(p, setting, dev);
+  // 1. every segment's own state
+  Tensor seg_kv = new_buffer({d.B, d.H, sg.nseg, M, d.Dv}, f32);
+  Tensor seg_ks = new_buffer({d.B, d.H, sg.nseg, M}, f32);
+  AttnParams ps = p;
+  ps.state_only = true;
+  ps.out = nullptr;
+  ps.den = nullptr;
+  ps.kv0 = nullptr;
+  ps.ks0 = nullptr;
+  ps.kv_out = seg_kv.data_ptr();
+  ps.ks_out = seg_ks.data_ptr();
+  launch_chunk(dt, ps, ds, dev, stream);
+  // 2. the state before each segment
+  const Tensor init_kv = exclusive_segment_sums(seg_kv, false, kv0);
+  const Tensor init_ks = exclusive_segment_sums(seg_ks, false, ks0);
+  // 3. every segment's walk from its state
+  AttnParams pw = p;
+  pw.kv0 = init_kv.data_ptr();
+  pw.ks0 = init_ks.data_ptr();
+  pw.kv_out = nullptr;
+  pw.ks_out = nullptr;
+  launch_chunk(dt, pw, ds, dev, stream);
+  if (kv_out != nullptr) {
+    const int64_t last = sg.nseg - 1;
+    kv_out->copy_(init_kv.select(2, last).add(seg_kv.select(2, last)));
+    ks_out->copy_(init_ks.select(2, last).add(seg_ks.select(2, last)));
+  }
+}
+
 inline std::tuple<Tensor, Tensor> taylor_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                              const std::optional<Tensor>& mask_in, bool causal, double scale) {
   const Dims d = check_attention(q_in, k_in, v_in, mask_in, causal, scale);
@@ -262,7 +360,11 @@ inline std::tuple<Tensor, Tensor> taylor_fwd(const Tensor& q_in, const Tensor& k
   const la_stream_t stream = current_stream(q);
   switch (choose_form(dt, d, causal, dev)) {
     case Form::LinearTC:
-      launch_chunk(dt, p, dv_slice_setting(), dev, stream);
+      if (causal) {
+        chunk_causal_forward(dt, p, d, acc, Tensor(), Tensor(), nullptr, nullptr, dev, stream);
+      } else {
+        launch_chunk(dt, p, dv_slice_setting(), dev, stream);
+      }
       break;
     case Form::LinearSimt: {
       Tensor kv = new_buffer({d.B, d.H, p.M, d.Dv}, acc);
@@ -350,11 +452,42 @@ inline std::tuple<Tensor, Tensor, Tensor> taylor_bwd(const Tensor& grad_out_in, 
       chunk_bwd_supported(dt, static_cast<int>(d.D), static_cast<int>(d.Dv), dev)) {
     const int ds = chunk_bwd_dv_slice(p, dv_slice_setting(), dev);
     const int64_t nslices = (d.Dv + ds - 1) / ds;
+    const auto f32 = q.options().dtype(at::kFloat);
     Tensor dq_part, dk_part;
     if (nslices > 1) {  // dq and dk are sums over the value-column slices
-      const auto f32 = q.options().dtype(at::kFloat);
       dq_part = new_buffer({nslices, d.B * d.H * d.Lq * d.D}, f32);
       dk_part = new_buffer({nslices, d.B * d.H * d.Lk * d.D}, f32);
+    }
+    const Segments sg = causal ? choose_segments(d.B * d.H, d.Lq, nslices, dev) : Segments{};
+    Tensor s_init, sz_init, r_init, rz_init;
+    if (sg.nseg > 1) {  // segments start from the key state before them (dq) and the query state after (dk, dv)
+      const int64_t M = feature_count(p.D);
+      p.nseg = static_cast<int>(sg.nseg);
+      p.seg_len = static_cast<int>(sg.seg_len);
+      AttnParams pa = attn_params(q, k, v, mask, d, /*causal=*/true, scale);
+      pa.nseg = p.nseg;
+      pa.seg_len = p.seg_len;
+      pa.state_only = true;
+      Tensor seg_kv = new_buffer({d.B, d.H, sg.nseg, M, d.Dv}, f32);
+      Tensor seg_ks = new_buffer({d.B, d.H, sg.nseg, M}, f32);
+      pa.kv_out = seg_kv.data_ptr();
+      pa.ks_out = seg_ks.data_ptr();
+      launch_chunk(dt, pa, chunk_dv_slice(pa, dv_slice_setting(), dev), dev, stream);
+      s_init = exclusive_segment_sums(seg_kv, false, Tensor());
+      sz_init = exclusive_segment_sums(seg_ks, false, Tensor());
+      Tensor seg_r = new_buffer({d.B, d.H, sg.nseg, M, d.Dv}, f32);
+      Tensor seg_rz = new_buffer({d.B, d.H, sg.nseg, M}, f32);
+      BwdParams pr = p;
+      pr.state_only = true;
+      pr.r_out = seg_r.data_ptr<float>();
+      pr.rz_out = seg_rz.data_ptr<float>();
+      launch_chunk_bwd(dt, pr, ds, nullptr, nullptr, dev, stream);
+      r_init = exclusive_segment_sums(seg_r, true, Tensor());
+      rz_init = exclusive_segment_sums(seg_rz, true, Tensor());
+      p.s0 = s_init.data_ptr<float>();
+      p.sz0 = sz_init.data_ptr<float>();
+      p.r0 = r_init.data_ptr<float>();
+      p.rz0 = rz_init.data_ptr<float>();
     }
     launch_chunk_bwd(dt, p, ds, dq_part.defined() ? dq_part.data_ptr<float>() : nullptr,
                      dk_part.defined() ? dk_part.data_ptr<float>() : nullptr, dev, stream);
@@ -408,7 +541,7 @@ inline std::tuple<Tensor, Tensor, Tensor> taylor_prefill(const Tensor& q_in, con
       const DeviceInfo dev = device_info(q);
       const la_stream_t stream = current_stream(q);
       if (choose_form(dt, d, /*causal=*/true, dev) == Form::LinearTC) {
-        launch_chunk(dt, p, dv_slice_setting(), dev, stream);
+        chunk_causal_forward(dt, p, d, acc, kv0, ks0, &kv_out, &ks_out, dev, stream);
       } else {
         Tensor num0, den0;
         AttnParams pq = p;

@@ -74,12 +74,18 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (min_blocks<DK, DS>())) chunk_kernel(A
   const T* __restrict__ v = static_cast<const T*>(p.v);
   const int D = p.D, Dv = p.Dv, Lq = p.Lq, Lk = p.Lk, M = p.M;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const index_t bh = blockIdx.x / nslices;
+  const int nseg = p.nseg > 1 ? p.nseg : 1;
+  const index_t vbh = blockIdx.x / nslices;  // (batch*head, segment): the index of this block's states
+  const index_t bh = vbh / nseg;
+  const int seg = static_cast<int>(vbh % nseg);
   const int slice = static_cast<int>(blockIdx.x % nslices);
   const int b = static_cast<int>(bh / p.H);
   const int c0 = slice * DS;
   const int ncols = min(DS, Dv - c0);
   const float scale = static_cast<float>(p.scale);
+  const int Lrange = (CAUSAL && !p.state_only) ? Lq : Lk;  // the tokens this block walks: [tbeg, tend)
+  const int tbeg = nseg > 1 ? seg * p.seg_len : 0;
+  const int tend = nseg > 1 ? min(Lrange, tbeg + p.seg_len) : Lrange;
 
   // Feature table, initial state, constant columns.
   for (int m = tid; m < MP; m += THREADS) {
@@ -96,8 +102,8 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (min_blocks<DK, DS>())) chunk_kernel(A
       const int m = idx / (NTO * 8), c = idx - m * (NTO * 8);
       float x = 0.f;
       if (m < M) {
-        if (c < ncols && kv0 != nullptr) x = kv0[(bh * M + m) * Dv + c0 + c];
-        if (c == DS && ks0 != nullptr) x = ks0[bh * M + m];
+        if (c < ncols && kv0 != nullptr) x = kv0[(vbh * M + m) * Dv + c0 + c];
+        if (c == DS && ks0 != nullptr) x = ks0[vbh * M + m];
       }
       S[paired<PST>(m, c)] = x;
     }
@@ -234,9 +240,16 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (min_blocks<DK, DS>())) chunk_kernel(A
     }
   };
 
-  if (CAUSAL) {
+  if (p.state_only) {
+    for (int t0 = tbeg; t0 < tend; t0 += C) {
+      load_kv(t0);
+      LA_SYNC();
+      update_state(min(C, tend - t0));
+      LA_SYNC();
+    }
+  } else if (CAUSAL) {
     const bool want_state = p.kv_out != nullptr;
-    for (int t0 = 0; t0 < Lq; t0 += C) {
+    for (int t0 = tbeg; t0 < tend; t0 += C) {
       load_q(t0);
       load_kv(t0);
       LA_SYNC();
@@ -286,7 +299,7 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (min_blocks<DK, DS>())) chunk_kernel(A
       read_state(o);
       write_out(o, t0);
       LA_SYNC();
-      if (want_state || t0 + C < Lq) update_state(min(C, Lk - t0));
+      if (want_state || t0 + C < tend) update_state(min(C, tend - t0));
       LA_SYNC();
     }
   } else {
@@ -313,11 +326,11 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (min_blocks<DK, DS>())) chunk_kernel(A
   if (kv_out != nullptr) {
     for (int idx = tid; idx < M * DS; idx += THREADS) {
       const int m = idx / DS, c = idx - m * DS;
-      if (c < ncols) kv_out[(bh * M + m) * Dv + c0 + c] = S[paired<PST>(m, c)];
+      if (c < ncols) kv_out[(vbh * M + m) * Dv + c0 + c] = S[paired<PST>(m, c)];
     }
   }
   if (ks_out != nullptr && slice == 0) {
-    for (int m = tid; m < M; m += THREADS) ks_out[bh * M + m] = S[paired<PST>(m, DS)];
+    for (int m = tid; m < M; m += THREADS) ks_out[vbh * M + m] = S[paired<PST>(m, DS)];
   }
 }
 
@@ -372,8 +385,8 @@ struct BwdCommon {
   static constexpr int NQ = C * DK / THREADS, NV = C * DS / THREADS;
 
   const BwdParams& p;
-  int tid, warp, lane, g, t, slice, b, c0, ncols;
-  index_t bh;
+  int tid, warp, lane, g, t, slice, b, c0, ncols, nseg, seg;
+  index_t bh, vbh;
 
   LA_DEVICE BwdCommon(const BwdParams& p_, int nslices) : p(p_) {
     tid = threadIdx.x;
@@ -381,11 +394,35 @@ struct BwdCommon {
     lane = tid % 32;
     g = lane / 4;
     t = lane % 4;
-    bh = blockIdx.x / nslices;
+    nseg = p.nseg > 1 ? p.nseg : 1;
+    vbh = blockIdx.x / nslices;  // (batch*head, segment)
+    bh = vbh / nseg;
+    seg = static_cast<int>(vbh % nseg);
     slice = static_cast<int>(blockIdx.x % nslices);
     b = static_cast<int>(bh / p.H);
     c0 = slice * DS;
     ncols = min(DS, p.Dv - c0);
+  }
+
+  // The tokens [tbeg, tend) of this block's segment out of L.
+  LA_DEVICE int seg_begin() const { return nseg > 1 ? seg * p.seg_len : 0; }
+  LA_DEVICE int seg_end(int L) const { return nseg > 1 ? min(L, seg_begin() + p.seg_len) : L; }
+
+  // A state [.., M, Dv] + its extra column [.., M] of this block's (batch*head, segment) into a paired
+  // layout (index(m, c)); extra column only in slice 0 when extra_slice0_only.
+  template <class Index>
+  LA_DEVICE void init_state(float* St, int MP, int M, const float* st0, const float* stz0, bool extra_slice0_only,
+                            Index idx) const {
+    constexpr int W = NTO * 8;
+    for (int i = tid; i < MP * W; i += THREADS) {
+      const int m = i / W, c = i - m * W;
+      float x = 0.f;
+      if (m < M) {
+        if (c < ncols && st0 != nullptr) x = st0[(vbh * M + m) * p.Dv + c0 + c];
+        if (c == DS && stz0 != nullptr && (slice == 0 || !extra_slice0_only)) x = stz0[vbh * M + m];
+      }
+      St[idx(m, c)] = x;
+    }
   }
 
   LA_DEVICE void init_table(FeatEntry* ftab, const FeatureCoefs<float>& fc, int M, int MP) const {
@@ -511,7 +548,7 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
   auto cp = [](int r, int c) { return cpaired<RS>(r, c); };
 
   cm.init_table(ftab, fc, M, MP);
-  for (int idx = tid; idx < MP * RS; idx += THREADS) S[idx] = 0.f;
+  cm.init_state(S, MP, M, p.s0, p.sz0, false, cp);
   for (int idx = tid; idx < C * 8; idx += THREADS) {
     const int r = idx / 8, c = DS + idx % 8;
     Vh[cp(r, c)] = c == DS ? 1.f : 0.f;
@@ -597,7 +634,8 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
 
   if (CAUSAL) {
     const int pg = (g >> 1) + 4 * (g & 1);  // key permutation of the B operands, as in the forward
-    for (int t0 = 0; t0 < Lq; t0 += C) {
+    const int tend = cm.seg_end(Lq);
+    for (int t0 = cm.seg_begin(); t0 < tend; t0 += C) {
       cm.load_rows(Qs, static_cast<const T*>(p.q), t0, Lq);
       cm.load_rows(Ks, static_cast<const T*>(p.k), t0, Lk);
       cm.load_v(Vh, t0, cp);
@@ -653,7 +691,7 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
       inter(fg);
       cm.flush(dq_w, acc, scale, t0 + r0, min(16, Lq - t0 - r0), Lq, p.dq, dq_part, nslices, nullptr);
       LA_SYNC();
-      if (t0 + C < Lq) update(min(C, Lk - t0));
+      if (t0 + C < tend) update(min(C, tend - t0));
       LA_SYNC();
     }
   } else {
@@ -708,6 +746,8 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
 
   cm.init_table(ftab, fc, M, MP);
   for (int idx = tid; idx < MP * PST; idx += THREADS) R[idx] = 0.f;
+  LA_SYNC();
+  cm.init_state(R, MP, M, p.r0, p.rz0, true, rp);
   for (int idx = tid; idx < C * 8; idx += THREADS) {
     const int r = idx / 8, c = DS + idx % 8;
     Vh[cp(r, c)] = c == DS ? 1.f : 0.f;
@@ -900,9 +940,26 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
     cm.flush(dk_w, dk, scale, t0 + r0, min(16, Lk - t0 - r0), Lk, p.dk, dk_part, nslices, keep + r0);
   };
 
-  if (CAUSAL) {
-    const int nchunks = (Lk + C - 1) / C;
-    for (int c = nchunks - 1; c >= 0; --c) {
+  if (p.state_only) {  // this segment's r = sum phi(q) g^^T, for the suffix sums of the segmented walk
+    const int tend = cm.seg_end(Lq);
+    for (int t0 = cm.seg_begin(); t0 < tend; t0 += C) {
+      cm.load_rows(Qs, static_cast<const T*>(p.q), t0, Lq);
+      cm.load_g(Gh, t0, rp);
+      LA_SYNC();
+      update(min(C, tend - t0));
+      LA_SYNC();
+    }
+    for (int i = tid; i < M * DS; i += THREADS) {
+      const int m = i / DS, c = i - m * DS;
+      if (c < cm.ncols) p.r_out[(cm.vbh * M + m) * Dv + cm.c0 + c] = R[rp(m, c)];
+    }
+    if (cm.slice == 0) {
+      for (int m = tid; m < M; m += THREADS) p.rz_out[cm.vbh * M + m] = R[rp(m, DS)];
+    }
+  } else if (CAUSAL) {
+    const int tbeg = cm.seg_begin(), tend = cm.seg_end(Lk);
+    const int last = tend > tbeg ? (tend - 1) / C : -1;
+    for (int c = last; c >= tbeg / C; --c) {
       const int t0 = c * C;
       cm.load_rows(Qs, static_cast<const T*>(p.q), t0, Lq);
       cm.load_rows(Ks, static_cast<const T*>(p.k), t0, Lk);
@@ -912,7 +969,7 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
       LA_SYNC();
       key_chunk(t0, true);
       LA_SYNC();
-      if (c > 0) update(min(C, Lq - t0));
+      if (t0 > tbeg) update(min(C, Lq - t0));
       LA_SYNC();
     }
   } else {
@@ -951,9 +1008,16 @@ void launch_bwd_typed(const BwdParams& p, float* dq_part, float* dk_part, const 
   const int MP = (M + 15) / 16 * 16;
   const int nslices = ceil_div(p.Dv, DS);
   const index_t BH = static_cast<index_t>(p.B) * p.H;
-  const dim3 grid(static_cast<unsigned>(BH * nslices));
+  const index_t nseg = p.nseg > 1 ? p.nseg : 1;
+  const dim3 grid(static_cast<unsigned>(BH * nseg * nslices));
   const FeatureCoefs<float> fc = make_feature_coefs<float>(p.scale);
   const size_t smem_a = L::smem_dq(MP), smem_b = L::smem_dkdv(MP);
+  if (p.state_only) {  // kernel B only: each segment's r
+    auto kb = chunk_bwd_dkdv_kernel<T, SPLIT, DK, DS, true>;
+    prepare_smem(kb, smem_b, dev, "chunked backward (segment states)");
+    LA_LAUNCH(kb, grid, dim3(THREADS), smem_b, stream, p, fc, M, MP, nslices, dk_part);
+    return;
+  }
   if (p.causal) {
     auto ka = chunk_bwd_dq_kernel<T, SPLIT, DK, DS, true>;
     auto kb = chunk_bwd_dkdv_kernel<T, SPLIT, DK, DS, true>;
@@ -969,7 +1033,7 @@ void launch_bwd_typed(const BwdParams& p, float* dq_part, float* dk_part, const 
     if (p.Lq > 0) LA_LAUNCH(ka, grid, dim3(THREADS), smem_a, stream, p, fc, M, MP, nslices, dq_part);
     if (p.Lk > 0) LA_LAUNCH(kb, grid, dim3(THREADS), smem_b, stream, p, fc, M, MP, nslices, dk_part);
   }
-  if (nslices > 1) {
+  if (nslices > 1 && !p.state_only) {
     auto sum = sum_slices_kernel<T>;
     const index_t nq = BH * p.Lq * p.D, nk = BH * p.Lk * p.D;
     if (nq > 0) LA_LAUNCH(sum, dim3(ceil_div(nq, 256)), dim3(256), 0, stream, dq_part, static_cast<T*>(p.dq), nq, nslices);
@@ -994,7 +1058,8 @@ void launch_typed(const AttnParams& p, const DeviceInfo& dev, la_stream_t stream
   const int MP = (p.M + 15) / 16 * 16;
   const size_t smem = Layout<DK, DS>::smem_bytes(MP);
   const int nslices = ceil_div(p.Dv, DS);
-  const dim3 grid(static_cast<unsigned>(static_cast<index_t>(p.B) * p.H * nslices));
+  const index_t nseg = p.nseg > 1 ? p.nseg : 1;
+  const dim3 grid(static_cast<unsigned>(static_cast<index_t>(p.B) * p.H * nseg * nslices));
   const FeatureCoefs<float> fc = make_feature_coefs<float>(p.scale);
   if (p.causal) {
     auto kernel = chunk_kernel<T, SPLIT, DK, DS, true>;
@@ -1029,18 +1094,27 @@ bool chunk_supported(DType dt, int D, int Dv, const DeviceInfo& dev) {
   return smem <= static_cast<size_t>(dev.smem_optin);
 }
 
-void launch_chunk(DType dt, const AttnParams& p, int dv_slice, const DeviceInfo& dev, la_stream_t stream) {
-  TORCH_CHECK(chunk_supported(dt, p.D, p.Dv, dev), "linattn_cuda: the tensor-core chunked kernel does not support "
-              "this dtype, D = ", p.D, " or this device");
-  if (p.B * p.H == 0 || (p.Lq == 0 && p.kv_out == nullptr)) return;
-  if (dv_slice == 0) {  // auto: 64 columns per block (fewer feature-map evaluations per mma) when that
-                        // still gives every SM a block, else 32 (twice the blocks)
-    const index_t blocks64 = static_cast<index_t>(p.B) * p.H * ((p.Dv + 63) / 64);
+int chunk_dv_slice(const AttnParams& p, int setting, const DeviceInfo& dev) {
+  int dv_slice = setting;
+  if (dv_slice != 32 && dv_slice != 64) {  // auto: 64 columns per block (fewer feature-map evaluations per
+                                           // mma) when that still gives every SM a block, else 32
+    const index_t nseg = p.nseg > 1 ? p.nseg : 1;
+    const index_t blocks64 = static_cast<index_t>(p.B) * p.H * nseg * ((p.Dv + 63) / 64);
     dv_slice = (p.Dv > 32 && blocks64 >= dev.sm_count) ? 64 : 32;
   }
   if (p.D > 16) dv_slice = 32;
   const size_t smem64 = tc::Layout<16, 64>::smem_bytes((p.M + 15) / 16 * 16);
   if (dv_slice == 64 && smem64 > static_cast<size_t>(dev.smem_optin)) dv_slice = 32;
+  return dv_slice;
+}
+
+void launch_chunk(DType dt, const AttnParams& p, int dv_slice, const DeviceInfo& dev, la_stream_t stream) {
+  TORCH_CHECK(chunk_supported(dt, p.D, p.Dv, dev), "linattn_cuda: the tensor-core chunked kernel does not support "
+              "this dtype, D = ", p.D, " or this device");
+  TORCH_CHECK(p.nseg <= 1 || (p.seg_len > 0 && p.seg_len % tc::C == 0 && p.causal),
+              "linattn_cuda: segments need a causal launch and a length that is a multiple of ", tc::C);
+  if (p.B * p.H == 0 || (p.Lq == 0 && p.kv_out == nullptr)) return;
+  dv_slice = chunk_dv_slice(p, dv_slice, dev);
   switch (dt) {
     case DType::F16:
       tc::launch_dims<__half, false>(p, dv_slice, dev, stream);
@@ -1079,6 +1153,9 @@ void launch_chunk_bwd(DType dt, const BwdParams& p, int dv_slice, float* dq_part
   TORCH_CHECK(chunk_bwd_supported(dt, p.D, p.Dv, dev), "linattn_cuda: the tensor-core chunked backward does not "
               "support this dtype, D = ", p.D, " or this device");
   TORCH_CHECK(dv_slice == 32 || dv_slice == 64, "linattn_cuda: dv_slice must be 32 or 64");
+  TORCH_CHECK(p.nseg <= 1 || (p.seg_len > 0 && p.seg_len % tc::C == 0 && p.causal),
+              "linattn_cuda: segments need a causal backward and a length that is a multiple of ", tc::C);
+  TORCH_CHECK(!p.state_only || (p.r_out != nullptr && p.rz_out != nullptr), "linattn_cuda: state_only needs r_out");
   if (p.B * p.H == 0) return;
   switch (dt) {
     case DType::F16:
