@@ -1,0 +1,13 @@
+// CUDA kernels of the linattn_cuda ops (schemas in csrc/ops.cpp), registered for the CUDA dispatch key.
+// Kernels: taylor_simt.cu (CUDA cores, every dtype) and taylor_tc.cu (tensor cores, chunked linear form);
+// checks, form choice and launches: taylor_host.h. Design notes and measurements: README.md in this folder.
+#include <torch/library.h>
+
+#include "taylor_host.h"
+
+TORCH_LIBRARY_IMPL(linattn_cuda, CUDA, m) {
+  m.impl("taylor_fwd", &linattn::taylor_fwd);
+  m.impl("taylor_bwd", &linattn::taylor_bwd);
+  m.impl("taylor_prefill", &linattn::taylor_prefill);
+  m.impl("taylor_step", &linattn::taylor_step);
+}
