@@ -183,6 +183,17 @@ else
   record triton skipped 0 "bench/triton_gpu_bench.py not present"
 fi
 
+# ---- compute-sanitizer over a handful of CUDA kernel calls (memcheck, then racecheck if time allows)
+if [ "$DRY_RUN" != "1" ] && [ -f tests/cuda_sanitize.py ] && command -v compute-sanitizer >/dev/null 2>&1; then
+  for tool in memcheck racecheck; do
+    run_stage "$tool" "$(stage_timeout 60 40)" compute-sanitizer --tool "$tool" --error-exitcode 1 \
+        "$PY" tests/cuda_sanitize.py
+    record "$tool" "$STATUS" "$LAST_DT" "compute-sanitizer --tool $tool python tests/cuda_sanitize.py"
+  done
+else
+  record sanitizer skipped 0 "dry run, no tests/cuda_sanitize.py or no compute-sanitizer"
+fi
+
 # ---- scaling suite
 T=$(stage_timeout 260 15)
 if [ "$DRY_RUN" = "1" ]; then
