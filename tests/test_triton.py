@@ -288,8 +288,12 @@ def _has_nvidia_toolchain() -> bool:
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels are compiled by the other tests")
 @pytest.mark.skipif(not _has_nvidia_toolchain(), reason="triton without its NVIDIA toolchain")
-def test_kernels_compile_for_sm90():
+@pytest.mark.parametrize("float_type", ["fp32", "fp64"], ids=["launcher-floats", "inductor-floats"])
+def test_kernels_compile_for_sm90(float_type):
+    """Every launch compiles for sm_90, also with float scalars typed fp64 as torch.compile passes them (found on
+    an H200: a loop-carried fp32 accumulator became fp64 and the compiled graph failed)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["LINATTN_COMPILE_CHECK_FLOAT"] = float_type
     script = os.path.join(os.path.dirname(__file__), "triton_compile_check.py")
     res = subprocess.run([sys.executable, script, "--arch", "90"], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-6000:]

@@ -76,7 +76,9 @@ def _signature(kernel, args, kwargs):
         elif isinstance(val, int):
             sig[name] = "i32" if -(2**31) <= val < 2**31 else "i64"
         elif isinstance(val, float):
-            sig[name] = "fp32"
+            # fp32 as Triton's launcher types a Python float; LINATTN_COMPILE_CHECK_FLOAT=fp64 types it as
+            # torch.compile's inductor launches user kernels (the kernels must stay fp32 inside either way)
+            sig[name] = os.environ.get("LINATTN_COMPILE_CHECK_FLOAT", "fp32")
         else:
             raise TypeError(f"{kernel.__name__}: cannot type argument {name}={val!r}")
     return sig, constexprs, options

@@ -278,6 +278,9 @@ def _chunk_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_INIT: tl.constexpr, WRITE_STATE: tl.constexpr,
     FUSED: tl.constexpr, MODE: tl.constexpr,
 ):
+    # float scalars arrive as fp64 when torch.compile (inductor) launches the kernel: keep the math fp32
+    scale = tl.cast(scale, tl.float32)
+    c1 = tl.cast(c1, tl.float32)
     bh_i = tl.program_id(0)  # B*H on axis 0: axes 1 and 2 are limited to 65535
     pid_v = tl.program_id(1)
     role = tl.program_id(2)
@@ -519,6 +522,8 @@ def _chunk_bwd_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, FUSED: tl.constexpr, MODE: tl.constexpr,
 ):
     """Grid (B*H, value blocks, jobs); job = 2 * role + direction (direction 0: dq, 1: dk and dv); role 0 = base, role r > 0 = quad rows."""
+    # float scalars arrive as fp64 when torch.compile (inductor) launches the kernel: keep the math fp32
+    scale = tl.cast(scale, tl.float32)
     bh_i = tl.program_id(0)
     pid_v = tl.program_id(1)
     job = tl.program_id(2)

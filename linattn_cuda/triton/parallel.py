@@ -32,6 +32,8 @@ def _parallel_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MODE: tl.constexpr,
 ):
+    # float scalars arrive as fp64 when torch.compile (inductor) launches the kernel: keep the math fp32
+    scale = tl.cast(scale, tl.float32)
     bh_i = tl.program_id(0)  # B*H on axis 0 (axes 1 and 2 are limited to 65535)
     pid_m = tl.program_id(1)
     pid_v = tl.program_id(2)
@@ -88,6 +90,8 @@ def _parallel_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MODE: tl.constexpr,
 ):
     """One key block: loops over the query blocks that see it; everything transposed ([keys, queries])."""
+    # float scalars arrive as fp64 when torch.compile (inductor) launches the kernel: keep the math fp32
+    scale = tl.cast(scale, tl.float32)
     bh_i = tl.program_id(0)
     pid_n = tl.program_id(1)
     bh = bh_i.to(tl.int64)
@@ -126,7 +130,7 @@ def _parallel_bwd_dkdv_kernel(
             valid = valid & (offs_m[None, :] >= offs_n[:, None])
         pt = tl.where(valid, 1.0 + st * (1.0 + 0.5 * st), 0.0)
         dv += mm(pt, g, MODE)
-        dpt = mm(v, tl.trans(g), MODE) - delta[None, :]
+        dpt = mm(v, tl.trans(do), MODE) * rz[None, :] - delta[None, :]  # dO itself in the dot: see the dq kernel
         dst = tl.where(valid, dpt * (1.0 + st), 0.0)
         dk += mm(dst, q, MODE)
     dk = dk * scale
@@ -150,6 +154,8 @@ def _parallel_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MODE: tl.constexpr,
 ):
+    # float scalars arrive as fp64 when torch.compile (inductor) launches the kernel: keep the math fp32
+    scale = tl.cast(scale, tl.float32)
     bh_i = tl.program_id(0)
     pid_m = tl.program_id(1)
     bh = bh_i.to(tl.int64)
@@ -165,7 +171,7 @@ def _parallel_bwd_dq_kernel(
     q = q.to(tl.float32)
     rz = tl.load(RZ + bh * LQ + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + bh * LQ + offs_m, mask=m_ok, other=0.0)
-    g = do.to(tl.float32) * rz[:, None]
+    do = do.to(tl.float32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     hi = LK
     if CAUSAL:
@@ -184,7 +190,9 @@ def _parallel_bwd_dq_kernel(
         if HAS_MASK:
             pad = tl.load(MASK + b * LK + offs_n, mask=n_ok, other=1)
             valid = valid & (pad == 0)[None, :]
-        dp = mm(g, tl.trans(v), MODE) - delta[:, None]
+        # dw = (dO . v) / Z - delta: the dot takes dO itself (exact in the input dtype), not dO / Z rounded to
+        # it, because the subtraction cancels most of the magnitude (bf16 lost the result otherwise)
+        dp = mm(do, tl.trans(v), MODE) * rz[:, None] - delta[:, None]
         ds = tl.where(valid, dp * (1.0 + s), 0.0)
         dq += mm(ds, k, MODE)
     dq = dq * scale

@@ -49,6 +49,9 @@ def _step_kernel(
     scale, c1, M,
     D, DV, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
+    # float scalars arrive as fp64 when torch.compile (inductor) launches the kernel: keep the math fp32
+    scale = tl.cast(scale, tl.float32)
+    c1 = tl.cast(c1, tl.float32)
     bh = tl.program_id(0).to(tl.int64)  # B*H on axis 0 (axis 1 is limited to 65535)
     pid_v = tl.program_id(1)
     c2 = scale * 0.7071067811865476
