@@ -24,8 +24,11 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Form rule (see choose_form). First guesses from FLOP counts, to be retuned from GPU measurements
 # (bench/triton_gpu_bench.py prints both forms side by side).
 CHUNK_MAX_HEAD_DIM = 16  # the state has 1 + D + D^2 raw features: beyond D = 16 the chunked form loses
-CHUNK_MIN_LEN_CAUSAL = 2048  # causal: chunked from this length on
-CHUNK_MIN_LEN_NONCAUSAL = 1024  # non-causal: chunked from this "effective" length 2 Lq Lk / (Lq + Lk) on
+# Crossovers measured on an H200 (bf16, B=16, H=16, D=16, Dv=64; bench/results/gpu/triton_gpu_bench.md):
+# causal fwd 4K parallel 1.67 ms / chunk 3.11, 8K 6.49 / 6.22; fwd+bwd 4K 8.16 / 8.89, 8K 31.6 / 17.8.
+# Non-causal fwd 2K 0.64 / 0.89, 4K 2.64 / 1.76; fwd+bwd 2K 3.46 / 3.11, 4K 13.4 / 6.19.
+CHUNK_MIN_LEN_CAUSAL = 6144  # causal: chunked from this length on
+CHUNK_MIN_LEN_NONCAUSAL = 3072  # non-causal: chunked from this "effective" length 2 Lq Lk / (Lq + Lk) on
 
 
 def choose_form(lq: int, lk: int, d: int, dv: int, causal: bool) -> str:
