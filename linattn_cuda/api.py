@@ -43,7 +43,8 @@ def taylor_attention(
     """
     check_attention_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
     scale = resolve_scale(scale, q.shape[-1])
-    impl = resolve_backend(backend, q, causal=causal)
+    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    impl = resolve_backend(backend, q, causal=causal, training=training)
     if _is_empty(q, k):  # nothing to fuse: the reference handles empty shapes (and keeps autograd)
         return ref.taylor_attention_quadratic(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
     return impl.attention(q, k, v, causal, scale, key_padding_mask)

@@ -167,3 +167,20 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
     out.sum().backward()  # the backward graph compiles too
     assert model.proj.weight.grad is not None
+
+
+def test_auto_rule_on_cuda_tensors(monkeypatch):
+    """The CUDA rule (measured on an H200): CUDA kernels for forward-only, Triton for training and decoding."""
+    from linattn_cuda import backends
+    from linattn_cuda.backends.auto import choose_backend
+
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None)
+    fake = type("FakeCudaTensor", (), {"device": torch.device("cuda"), "dtype": torch.bfloat16})()
+    assert choose_backend(fake, causal=True) == "cuda"
+    assert choose_backend(fake, causal=True, training=True) == "triton"
+    assert choose_backend(fake, causal=True, kind="step") == "triton"
+    assert choose_backend(fake, causal=True, kind="prefill") == "cuda"
+    fake64 = type("FakeCudaTensor", (), {"device": torch.device("cuda"), "dtype": torch.float64})()
+    assert choose_backend(fake64, causal=True, training=True) == "cuda"
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None if name == "reference" else "no")
+    assert choose_backend(fake, causal=True) == "reference"

@@ -49,14 +49,14 @@ def available_backends(device="cpu") -> list[str]:
     return [name for name in backend_names() if unavailable_reason(name, device) is None]
 
 
-def resolve_backend(name: str, q: torch.Tensor, *, causal: bool, kind: str = "attention"):
+def resolve_backend(name: str, q: torch.Tensor, *, causal: bool, kind: str = "attention", training: bool = False):
     """The backend object for ``name`` ("auto" picks per device and shape); errors list what is available."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
     if name == "auto":
         from .auto import choose_backend
 
-        name = choose_backend(q, causal=causal, kind=kind)
+        name = choose_backend(q, causal=causal, kind=kind, training=training)
     if name not in _FACTORIES:
         raise ValueError(
             f"unknown backend {name!r}; known backends: {backend_names()}, "
