@@ -226,6 +226,10 @@ def assert_close_rule(name, got, expected64, plain, dtype):
 
 
 def _set_form(monkeypatch, form: str, dv_slice: Optional[int] = None):
+    """auto | quadratic | linear (tensor cores where supported) | quadratic-simt | linear-simt (CUDA cores)."""
+    if form.endswith("-simt"):
+        monkeypatch.setenv("LINATTN_CUDA_TC", "0")
+        form = form[: -len("-simt")]
     if form != "auto":
         monkeypatch.setenv("LINATTN_CUDA_FORM", form)
     if dv_slice is not None:
@@ -235,11 +239,11 @@ def _set_form(monkeypatch, form: str, dv_slice: Optional[int] = None):
 # ------------------------------------------------------------------------------------------------ forward
 
 
-@pytest.mark.parametrize("form", ["auto", "quadratic", "linear"])
+@pytest.mark.parametrize("form", ["auto", "quadratic", "linear", "quadratic-simt", "linear-simt"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_forward(ops, monkeypatch, case, dtype, form):
-    _skip_if_too_big(case, ops, dtype, form)
+    _skip_if_too_big(case, ops, dtype, form.replace("-simt", ""), factor=3.0 if form.endswith("-simt") else 1.0)
     _set_form(monkeypatch, form)
     q, k, v, mask = make_inputs(case, dtype, ops.device)
     scale = case.D**-0.5
@@ -455,7 +459,7 @@ def _random_state(B, H, D, Dv, dtype, device, n=20, seed=5):
     return st.kv.to(device, dtype), st.k_sum.to(device, dtype)
 
 
-@pytest.mark.parametrize("form", ["auto", "quadratic"])
+@pytest.mark.parametrize("form", ["auto", "quadratic", "quadratic-simt"])
 @pytest.mark.parametrize("dtype", PREFILL_DTYPES, ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize(
     "case",

@@ -287,6 +287,15 @@ inline std::optional<Tensor> contiguous_mask(const std::optional<Tensor>& mask) 
 
 // ------------------------------------------------------------------------------------------ ops
 
+// The quadratic form: tensor cores when the dtype and device allow (LINATTN_CUDA_TC=0: CUDA cores).
+inline void launch_quadratic(DType dt, const AttnParams& p, const DeviceInfo& dev, la_stream_t stream) {
+  if (env_str("LINATTN_CUDA_TC") != "0" && quad_tc_supported(dt, p.D, p.Dv, dev)) {
+    launch_quad_tc(dt, p, dev, stream);
+  } else {
+    launch_quad_fwd(dt, p, dev, stream);
+  }
+}
+
 // The tensor-core causal walk from the state (kv0, ks0) (undefined: zero), writing p.out / p.den and, when
 // kv_out is given, the final state; split in sequence segments when that adds parallelism. f32: float32
 // options on the device.
@@ -380,7 +389,7 @@ inline std::tuple<Tensor, Tensor> taylor_fwd(const Tensor& q_in, const Tensor& k
       break;
     }
     case Form::Quadratic:
-      launch_quad_fwd(dt, p, dev, stream);
+      launch_quadratic(dt, p, dev, stream);
       break;
   }
   return {out, den};
@@ -552,7 +561,7 @@ inline std::tuple<Tensor, Tensor, Tensor> taylor_prefill(const Tensor& q_in, con
           pq.num0 = num0.data_ptr();
           pq.den0 = den0.data_ptr();
         }
-        launch_quad_fwd(dt, pq, dev, stream);
+        launch_quadratic(dt, pq, dev, stream);
         launch_state_accum(dt, p, dev, stream);
       }
     }
