@@ -83,7 +83,7 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (min_blocks<DK, DS>())) chunk_kernel(A
   const int c0 = slice * DS;
   const int ncols = min(DS, Dv - c0);
   const float scale = static_cast<float>(p.scale);
-  const int Lrange = (CAUSAL && !p.state_only) ? Lq : Lk;  // the tokens this block walks: [tbeg, tend)
+  const int Lrange = p.state_only ? Lk : Lq;  // the tokens this block walks: [tbeg, tend)
   const int tbeg = nseg > 1 ? seg * p.seg_len : 0;
   const int tend = nseg > 1 ? min(Lrange, tbeg + p.seg_len) : Lrange;
 
@@ -303,13 +303,15 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (min_blocks<DK, DS>())) chunk_kernel(A
       LA_SYNC();
     }
   } else {
-    for (int t0 = 0; t0 < Lk; t0 += C) {
-      load_kv(t0);
-      LA_SYNC();
-      update_state(min(C, Lk - t0));
-      LA_SYNC();
+    if (nseg == 1) {  // segmented: the state over all keys comes in kv0
+      for (int t0 = 0; t0 < Lk; t0 += C) {
+        load_kv(t0);
+        LA_SYNC();
+        update_state(min(C, Lk - t0));
+        LA_SYNC();
+      }
     }
-    for (int t0 = 0; t0 < Lq; t0 += C) {
+    for (int t0 = tbeg; t0 < tend; t0 += C) {
       load_q(t0);
       LA_SYNC();
       float o[NTO][4];
@@ -321,6 +323,7 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (min_blocks<DK, DS>())) chunk_kernel(A
     }
   }
 
+  LA_SYNC();  // the walk may have been empty (a segment past the end): order the state's init and reads
   float* kv_out = static_cast<float*>(p.kv_out);
   float* ks_out = static_cast<float*>(p.ks_out);
   if (kv_out != nullptr) {
@@ -695,18 +698,21 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
       LA_SYNC();
     }
   } else {
-    for (int t0 = 0; t0 < Lk; t0 += C) {
-      cm.load_rows(Ks, static_cast<const T*>(p.k), t0, Lk);
-      cm.load_v(Vh, t0, cp);
-      cm.load_keep(keep, t0);
-      LA_SYNC();
-      update(min(C, Lk - t0));
-      LA_SYNC();
+    if (cm.nseg == 1) {  // segmented: the state over all keys comes in s0
+      for (int t0 = 0; t0 < Lk; t0 += C) {
+        cm.load_rows(Ks, static_cast<const T*>(p.k), t0, Lk);
+        cm.load_v(Vh, t0, cp);
+        cm.load_keep(keep, t0);
+        LA_SYNC();
+        update(min(C, Lk - t0));
+        LA_SYNC();
+      }
     }
     float zero_acc[DK / 8][4];
 #pragma unroll
     for (int nd = 0; nd < DK / 8; ++nd) zero_acc[nd][0] = zero_acc[nd][1] = zero_acc[nd][2] = zero_acc[nd][3] = 0.f;
-    for (int t0 = 0; t0 < Lq; t0 += C) {
+    const int tend = cm.seg_end(Lq);
+    for (int t0 = cm.seg_begin(); t0 < tend; t0 += C) {
       cm.load_rows(Qs, static_cast<const T*>(p.q), t0, Lq);
       cm.load_g(Gh, t0, cp);
       LA_SYNC();
@@ -949,6 +955,7 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
       update(min(C, tend - t0));
       LA_SYNC();
     }
+    LA_SYNC();  // the walk may have been empty (a segment past the end)
     for (int i = tid; i < M * DS; i += THREADS) {
       const int m = i / DS, c = i - m * DS;
       if (c < cm.ncols) p.r_out[(cm.vbh * M + m) * Dv + cm.c0 + c] = R[rp(m, c)];
@@ -973,14 +980,17 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
       LA_SYNC();
     }
   } else {
-    for (int t0 = 0; t0 < Lq; t0 += C) {
-      cm.load_rows(Qs, static_cast<const T*>(p.q), t0, Lq);
-      cm.load_g(Gh, t0, rp);
-      LA_SYNC();
-      update(min(C, Lq - t0));
-      LA_SYNC();
+    if (cm.nseg == 1) {  // segmented: the state over all queries comes in r0
+      for (int t0 = 0; t0 < Lq; t0 += C) {
+        cm.load_rows(Qs, static_cast<const T*>(p.q), t0, Lq);
+        cm.load_g(Gh, t0, rp);
+        LA_SYNC();
+        update(min(C, Lq - t0));
+        LA_SYNC();
+      }
     }
-    for (int t0 = 0; t0 < Lk; t0 += C) {
+    const int tend = cm.seg_end(Lk);
+    for (int t0 = cm.seg_begin(); t0 < tend; t0 += C) {
       cm.load_rows(Ks, static_cast<const T*>(p.k), t0, Lk);
       cm.load_v(Vh, t0, cp);
       cm.load_keep(keep, t0);
@@ -1111,8 +1121,10 @@ int chunk_dv_slice(const AttnParams& p, int setting, const DeviceInfo& dev) {
 void launch_chunk(DType dt, const AttnParams& p, int dv_slice, const DeviceInfo& dev, la_stream_t stream) {
   TORCH_CHECK(chunk_supported(dt, p.D, p.Dv, dev), "linattn_cuda: the tensor-core chunked kernel does not support "
               "this dtype, D = ", p.D, " or this device");
-  TORCH_CHECK(p.nseg <= 1 || (p.seg_len > 0 && p.seg_len % tc::C == 0 && p.causal),
-              "linattn_cuda: segments need a causal launch and a length that is a multiple of ", tc::C);
+  TORCH_CHECK(p.nseg <= 1 || (p.seg_len > 0 && p.seg_len % tc::C == 0),
+              "linattn_cuda: segments need a length that is a multiple of ", tc::C);
+  TORCH_CHECK(p.nseg <= 1 || p.causal || p.state_only || p.kv0 != nullptr,
+              "linattn_cuda: non-causal segments read the state over all keys from kv0");
   if (p.B * p.H == 0 || (p.Lq == 0 && p.kv_out == nullptr)) return;
   dv_slice = chunk_dv_slice(p, dv_slice, dev);
   switch (dt) {
@@ -1153,8 +1165,10 @@ void launch_chunk_bwd(DType dt, const BwdParams& p, int dv_slice, float* dq_part
   TORCH_CHECK(chunk_bwd_supported(dt, p.D, p.Dv, dev), "linattn_cuda: the tensor-core chunked backward does not "
               "support this dtype, D = ", p.D, " or this device");
   TORCH_CHECK(dv_slice == 32 || dv_slice == 64, "linattn_cuda: dv_slice must be 32 or 64");
-  TORCH_CHECK(p.nseg <= 1 || (p.seg_len > 0 && p.seg_len % tc::C == 0 && p.causal),
-              "linattn_cuda: segments need a causal backward and a length that is a multiple of ", tc::C);
+  TORCH_CHECK(p.nseg <= 1 || (p.seg_len > 0 && p.seg_len % tc::C == 0),
+              "linattn_cuda: segments need a length that is a multiple of ", tc::C);
+  TORCH_CHECK(p.nseg <= 1 || p.causal || p.state_only || (p.s0 != nullptr && p.r0 != nullptr),
+              "linattn_cuda: non-causal backward segments read the full states from s0 and r0");
   TORCH_CHECK(!p.state_only || (p.r_out != nullptr && p.rz_out != nullptr), "linattn_cuda: state_only needs r_out");
   if (p.B * p.H == 0) return;
   switch (dt) {
