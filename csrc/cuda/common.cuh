@@ -319,7 +319,7 @@ int chunk_dv_slice(const AttnParams& p, int setting, const DeviceInfo& dev);
 // The value columns are split in slices of chunk_bwd_dv_slice(...) columns; with more than one slice, dq and
 // dk are summed from float32 partials dq_part [nslices, BH, Lq, D] and dk_part [nslices, BH, Lk, D].
 bool chunk_bwd_supported(DType dt, int D, int Dv, const DeviceInfo& dev);
-int chunk_bwd_dv_slice(const BwdParams& p, int setting, const DeviceInfo& dev);
+int chunk_bwd_dv_slice(DType dt, const BwdParams& p, int setting, const DeviceInfo& dev);
 void launch_chunk_bwd(DType dt, const BwdParams& p, int dv_slice, float* dq_part, float* dk_part,
                       const DeviceInfo& dev, la_stream_t stream);
 // gt = dout / den and delta = gt . out (the first step of every backward).

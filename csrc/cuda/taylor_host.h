@@ -493,7 +493,7 @@ inline std::tuple<Tensor, Tensor, Tensor> taylor_bwd(const Tensor& grad_out_in, 
   launch_bwd_prep(dt, p, stream);
   if (choose_form(dt, d, causal, dev) == Form::LinearTC &&
       chunk_bwd_supported(dt, static_cast<int>(d.D), static_cast<int>(d.Dv), dev)) {
-    const int ds = chunk_bwd_dv_slice(p, dv_slice_setting(), dev);
+    const int ds = chunk_bwd_dv_slice(dt, p, dv_slice_setting(), dev);
     const int64_t nslices = (d.Dv + ds - 1) / ds;
     const auto f32 = q.options().dtype(at::kFloat);
     Tensor dq_part, dk_part;

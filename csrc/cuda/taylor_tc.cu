@@ -776,8 +776,9 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
     }
   };
 
-  // dv += phi(K) R[:, :DS];  dk rows += J(k)^T (v^ R^T), one tile of 8 features at a time.
-  auto inter = [&](const Frag<SPLIT, 4> (&fv)[NTO], float (&dv)[DS / 8][4]) {
+  // dv += phi(K) R[:, :DS];  dk rows += J(k)^T (v^ R^T), one tile of 8 features at a time. (The v^
+  // fragments are reloaded from shared memory here rather than kept in registers: register pressure.)
+  auto inter = [&](float (&dv)[DS / 8][4]) {
     const float* x0 = Ks + (r0 + g) * QST;
     const float* x1 = x0 + 8 * QST;
 #pragma unroll 1
@@ -800,10 +801,15 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
       float w[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int ks = 0; ks < NTO; ++ks) {
+        const float2 x = *reinterpret_cast<const float2*>(Vh + cp(r0 + g, ks * 8 + t));
+        const float2 y = *reinterpret_cast<const float2*>(Vh + cp(r0 + g + 8, ks * 8 + t));
+        const float av2[4] = {x.x, y.x, x.y, y.y};
+        Frag<SPLIT, 4> fv;
+        fv.set(av2);
         const float bv[2] = {R[rp(f0 + g, ks * 8 + t)], R[rp(f0 + g, ks * 8 + t + 4)]};
         Frag<SPLIT, 2> fb;
         fb.set(bv);
-        mma<SPLIT>(w, fv[ks], fb);
+        mma<SPLIT>(w, fv, fb);
       }
       cm.scatter(dk_w, w, f0, ftab, Ks + r0 * QST);
     }
@@ -876,8 +882,6 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
   };
 
   auto key_chunk = [&](int t0, bool intra_part) {
-    Frag<SPLIT, 4> fv[NTO];
-    v_frags(fv);
     float dv[DS / 8][4];
     float dk[DK / 8][4];
 #pragma unroll
@@ -885,6 +889,8 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
 #pragma unroll
     for (int nd = 0; nd < DK / 8; ++nd) dk[nd][0] = dk[nd][1] = dk[nd][2] = dk[nd][3] = 0.f;
     if (intra_part) {
+      Frag<SPLIT, 4> fv[NTO];
+      v_frags(fv);
       const int pg = (g >> 1) + 4 * (g & 1);
 #pragma unroll 1
       for (int qt = 2 * warp; qt < C / 8; ++qt) {  // query tiles at or after the warp's keys
@@ -941,7 +947,7 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
         }
       }
     }
-    inter(fv, dv);
+    inter(dv);
     write_dv(dv, t0);
     cm.flush(dk_w, dk, scale, t0 + r0, min(16, Lk - t0 - r0), Lk, p.dk, dk_part, nslices, keep + r0);
   };
@@ -1150,14 +1156,15 @@ bool chunk_bwd_supported(DType dt, int D, int Dv, const DeviceInfo& dev) {
   return smem <= static_cast<size_t>(dev.smem_optin);
 }
 
-int chunk_bwd_dv_slice(const BwdParams& p, int setting, const DeviceInfo& dev) {
+int chunk_bwd_dv_slice(DType dt, const BwdParams& p, int setting, const DeviceInfo& dev) {
   if (p.D > 16) return 32;
   const int MP = (feature_count(p.D) + 15) / 16 * 16;
   const bool fits64 = tc::BwdLayout<16, 64>::smem_dkdv(MP) <= static_cast<size_t>(dev.smem_optin) &&
                       tc::BwdLayout<16, 64>::smem_dq(MP) <= static_cast<size_t>(dev.smem_optin);
   if (setting == 32 || !fits64) return 32;
   if (setting == 64) return 64;
-  return p.Dv > 32 ? 64 : 32;  // one slice for Dv <= 64: no partial sums
+  // one slice for Dv <= 64 (no partial sums), except fp32 whose 3xTF32 fragments spill at 64 columns
+  return (p.Dv > 32 && dt != DType::F32) ? 64 : 32;
 }
 
 void launch_chunk_bwd(DType dt, const BwdParams& p, int dv_slice, float* dq_part, float* dk_part,
