@@ -229,6 +229,10 @@ def assert_close_rule(name, got, expected64, plain, dtype):
 
 
 def _set_form(monkeypatch, form: str, dv_slice: Optional[int] = None):
+    """auto | quadratic | linear (tensor cores where supported) | quadratic-simt | linear-simt (CUDA cores)."""
+    if form.endswith("-simt"):
+        monkeypatch.setenv("LINATTN_CUDA_TC", "0")
+        form = form[: -len("-simt")]
     if form != "auto":
         monkeypatch.setenv("LINATTN_CUDA_FORM", form)
     if dv_slice is not None:
@@ -238,11 +242,11 @@ def _set_form(monkeypatch, form: str, dv_slice: Optional[int] = None):
 # ------------------------------------------------------------------------------------------------ forward
 
 
-@pytest.mark.parametrize("form", ["auto", "quadratic", "linear"])
+@pytest.mark.parametrize("form", ["auto", "quadratic", "linear", "quadratic-simt", "linear-simt"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_forward(ops, monkeypatch, case, dtype, form):
-    _skip_if_too_big(case, ops, dtype, form)
+    _skip_if_too_big(case, ops, dtype, form.replace("-simt", ""), factor=3.0 if form.endswith("-simt") else 1.0)
     _set_form(monkeypatch, form)
     q, k, v, mask = make_inputs(case, dtype, ops.device)
     scale = case.D**-0.5
@@ -405,23 +409,27 @@ def test_backward_noncontiguous_grad(ops):
 
 
 SEG_CASES = [C(1, 2, 300, 16, 40, causal=True, mask="mask"), C(1, 1, 257, 24, 64, causal=True, mask="fullmask"),
-             C(2, 1, 520, 5, 17, causal=True)]
+             C(2, 1, 520, 5, 17, causal=True), C(1, 2, 300, 16, 40, mask="mask"),
+             C(1, 1, 130, 24, 24, mask="fullmask", Lk=330), C(1, 1, 330, 7, 70, Lk=130)]
 
 
 @pytest.mark.parametrize("segments", [1, 3, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("case", SEG_CASES, ids=lambda c: c.id)
 def test_segments(ops, monkeypatch, case, dtype, segments):
-    """The causal chunked kernels split in sequence segments (parallelism beyond batch * heads): forward,
-    prefill from a state (final state from the segments' states) and backward."""
+    """The chunked kernels split in sequence segments (parallelism beyond batch * heads): forward, backward,
+    and (causal) prefill from a state, whose final state comes from the segments' states."""
     _set_form(monkeypatch, "linear")
     monkeypatch.setenv("LINATTN_CUDA_SEGMENTS", str(segments))
     q, k, v, mask = make_inputs(case, dtype, ops.device, seed=6)
     scale = case.D**-0.5
-    out, den = ops.fwd(q, k, v, mask, True, scale)
-    out64, den64 = reference_fwd(q, k, v, True, scale, mask)
-    assert_close_rule("out", out, out64, plain_attention(q, k, v, True, scale, mask), dtype)
+    out, den = ops.fwd(q, k, v, mask, case.causal, scale)
+    out64, den64 = reference_fwd(q, k, v, case.causal, scale, mask)
+    assert_close_rule("out", out, out64, plain_attention(q, k, v, case.causal, scale, mask), dtype)
     torch.testing.assert_close(den.double(), den64, rtol=DEN_RTOL_FP32 if dtype == torch.float32 else 2e-3, atol=1e-6)
+    _check_backward(ops, case, dtype, scale=scale, seed=6)
+    if not case.causal:
+        return
     state = _random_state(case.B, case.H, case.D, case.Dv, torch.float32, ops.device)
     outp, kv, ks = ops.prefill(q, k, v, mask, state[0], state[1], scale)
     outp64, st64 = ref.taylor_attention_chunked(q.double(), k.double(), v.double(), scale=scale,
@@ -429,7 +437,6 @@ def test_segments(ops, monkeypatch, case, dtype, segments):
                                                 initial_state=ref.TaylorState(state[0].double(), state[1].double()))
     assert_close_rule("prefill out", outp, outp64, outp64.to(dtype), dtype)
     _state_close((kv, ks), st64, dtype)
-    _check_backward(ops, case, dtype, scale=scale, seed=6)
 
 
 # ------------------------------------------------------------------------------------------------ prefill, step
@@ -458,7 +465,7 @@ def _random_state(B, H, D, Dv, dtype, device, n=20, seed=5):
     return st.kv.to(device, dtype), st.k_sum.to(device, dtype)
 
 
-@pytest.mark.parametrize("form", ["auto", "quadratic"])
+@pytest.mark.parametrize("form", ["auto", "quadratic", "quadratic-simt"])
 @pytest.mark.parametrize("dtype", PREFILL_DTYPES, ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize(
     "case",

@@ -293,6 +293,9 @@ struct DeviceInfo {
 
 // Quadratic (tiled) forward on CUDA cores; any D <= 128, Dv <= 256; honours num0/den0.
 void launch_quad_fwd(DType dt, const AttnParams& p, const DeviceInfo& dev, la_stream_t stream);
+// Tensor-core quadratic forward (quad_tc.cuh): fp16/bf16/fp32 (3xTF32), D <= 128, sm_80+; honours num0/den0.
+bool quad_tc_supported(DType dt, int D, int Dv, const DeviceInfo& dev);
+void launch_quad_tc(DType dt, const AttnParams& p, const DeviceInfo& dev, la_stream_t stream);
 // Quadratic backward on CUDA cores (dq per query block, dk and dv per key block), after launch_bwd_prep.
 void launch_quad_bwd(DType dt, const BwdParams& p, const DeviceInfo& dev, la_stream_t stream);
 // kv_out = kv0 + sum_j phi(k_j) v_j^T over unmasked keys, ks_out likewise (CUDA cores).
@@ -316,7 +319,7 @@ int chunk_dv_slice(const AttnParams& p, int setting, const DeviceInfo& dev);
 // The value columns are split in slices of chunk_bwd_dv_slice(...) columns; with more than one slice, dq and
 // dk are summed from float32 partials dq_part [nslices, BH, Lq, D] and dk_part [nslices, BH, Lk, D].
 bool chunk_bwd_supported(DType dt, int D, int Dv, const DeviceInfo& dev);
-int chunk_bwd_dv_slice(const BwdParams& p, int setting, const DeviceInfo& dev);
+int chunk_bwd_dv_slice(DType dt, const BwdParams& p, int setting, const DeviceInfo& dev);
 void launch_chunk_bwd(DType dt, const BwdParams& p, int dv_slice, float* dq_part, float* dk_part,
                       const DeviceInfo& dev, la_stream_t stream);
 // gt = dout / den and delta = gt . out (the first step of every backward).

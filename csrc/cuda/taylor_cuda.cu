@@ -1,8 +1,10 @@
 // CUDA kernels of the linattn_cuda ops (schemas in csrc/ops.cpp), registered for the CUDA dispatch key.
-// Kernels: taylor_simt.cu (CUDA cores, every dtype) and taylor_tc.cu (tensor cores, chunked linear form);
-// checks, form choice and launches: taylor_host.h. Design notes and measurements: README.md in this folder.
+// Kernels: taylor_simt.cu (CUDA cores, every dtype), taylor_tc.cu (tensor cores, chunked linear form) and
+// quad_tc.cuh (tensor cores, quadratic forward; compiled here); checks, form choice, launches: taylor_host.h.
+// Design notes: README.md in this folder.
 #include <torch/library.h>
 
+#include "quad_tc.cuh"
 #include "taylor_host.h"
 
 TORCH_LIBRARY_IMPL(linattn_cuda, CUDA, m) {

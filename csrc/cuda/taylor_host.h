@@ -244,6 +244,9 @@ inline Segments choose_segments(int64_t BH, int64_t L, int64_t slices, const Dev
   return s;
 }
 
+// The sum over all segments (dim 2 of a [B, H, nseg, ...] float32 tensor), repeated for every segment.
+inline Tensor total_over_segments(const Tensor& x) { return x.sum(2, /*keepdim=*/true).expand_as(x).contiguous(); }
+
 // Exclusive prefix (reverse=false: sum of the segments before) or suffix (reverse=true: after) sums over
 // dim 2 of a [B, H, nseg, ...] float32 tensor, plus `base` (or nothing) broadcast over the segments.
 inline Tensor exclusive_segment_sums(const Tensor& x, bool reverse, const Tensor& base) {
@@ -286,6 +289,15 @@ inline std::optional<Tensor> contiguous_mask(const std::optional<Tensor>& mask) 
 }
 
 // ------------------------------------------------------------------------------------------ ops
+
+// The quadratic form: tensor cores when the dtype and device allow (LINATTN_CUDA_TC=0: CUDA cores).
+inline void launch_quadratic(DType dt, const AttnParams& p, const DeviceInfo& dev, la_stream_t stream) {
+  if (env_str("LINATTN_CUDA_TC") != "0" && quad_tc_supported(dt, p.D, p.Dv, dev)) {
+    launch_quad_tc(dt, p, dev, stream);
+  } else {
+    launch_quad_fwd(dt, p, dev, stream);
+  }
+}
 
 // The tensor-core causal walk from the state (kv0, ks0) (undefined: zero), writing p.out / p.den and, when
 // kv_out is given, the final state; split in sequence segments when that adds parallelism. f32: float32
@@ -337,6 +349,37 @@ inline void chunk_causal_forward(DType dt, AttnParams p, const Dims& d, const at
   }
 }
 
+// The tensor-core non-causal linear form; with segments (few batch*heads): a pass for each key segment's
+// state, their sum, then every query segment reads it.
+inline void chunk_noncausal_forward(DType dt, AttnParams p, const Dims& d, const at::TensorOptions& f32,
+                                    const DeviceInfo& dev, la_stream_t stream) {
+  const int setting = dv_slice_setting();
+  const int ds1 = chunk_dv_slice(p, setting, dev);
+  const Segments sg = choose_segments(d.B * d.H, std::max(d.Lq, d.Lk), (d.Dv + ds1 - 1) / ds1, dev);
+  if (sg.nseg <= 1) {
+    launch_chunk(dt, p, setting, dev, stream);
+    return;
+  }
+  p.nseg = static_cast<int>(sg.nseg);
+  p.seg_len = static_cast<int>(sg.seg_len);
+  const int ds = chunk_dv_slice(p, setting, dev);
+  Tensor seg_kv = new_buffer({d.B, d.H, sg.nseg, p.M, d.Dv}, f32);
+  Tensor seg_ks = new_buffer({d.B, d.H, sg.nseg, p.M}, f32);
+  AttnParams ps = p;
+  ps.state_only = true;
+  ps.out = nullptr;
+  ps.den = nullptr;
+  ps.kv_out = seg_kv.data_ptr();
+  ps.ks_out = seg_ks.data_ptr();
+  launch_chunk(dt, ps, ds, dev, stream);
+  const Tensor all_kv = total_over_segments(seg_kv);
+  const Tensor all_ks = total_over_segments(seg_ks);
+  AttnParams pq = p;
+  pq.kv0 = all_kv.data_ptr();
+  pq.ks0 = all_ks.data_ptr();
+  launch_chunk(dt, pq, ds, dev, stream);
+}
+
 inline std::tuple<Tensor, Tensor> taylor_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                              const std::optional<Tensor>& mask_in, bool causal, double scale) {
   const Dims d = check_attention(q_in, k_in, v_in, mask_in, causal, scale);
@@ -363,7 +406,7 @@ inline std::tuple<Tensor, Tensor> taylor_fwd(const Tensor& q_in, const Tensor& k
       if (causal) {
         chunk_causal_forward(dt, p, d, acc, Tensor(), Tensor(), nullptr, nullptr, dev, stream);
       } else {
-        launch_chunk(dt, p, dv_slice_setting(), dev, stream);
+        chunk_noncausal_forward(dt, p, d, acc, dev, stream);
       }
       break;
     case Form::LinearSimt: {
@@ -380,7 +423,7 @@ inline std::tuple<Tensor, Tensor> taylor_fwd(const Tensor& q_in, const Tensor& k
       break;
     }
     case Form::Quadratic:
-      launch_quad_fwd(dt, p, dev, stream);
+      launch_quadratic(dt, p, dev, stream);
       break;
   }
   return {out, den};
@@ -450,7 +493,7 @@ inline std::tuple<Tensor, Tensor, Tensor> taylor_bwd(const Tensor& grad_out_in, 
   launch_bwd_prep(dt, p, stream);
   if (choose_form(dt, d, causal, dev) == Form::LinearTC &&
       chunk_bwd_supported(dt, static_cast<int>(d.D), static_cast<int>(d.Dv), dev)) {
-    const int ds = chunk_bwd_dv_slice(p, dv_slice_setting(), dev);
+    const int ds = chunk_bwd_dv_slice(dt, p, dv_slice_setting(), dev);
     const int64_t nslices = (d.Dv + ds - 1) / ds;
     const auto f32 = q.options().dtype(at::kFloat);
     Tensor dq_part, dk_part;
@@ -458,9 +501,10 @@ inline std::tuple<Tensor, Tensor, Tensor> taylor_bwd(const Tensor& grad_out_in, 
       dq_part = new_buffer({nslices, d.B * d.H * d.Lq * d.D}, f32);
       dk_part = new_buffer({nslices, d.B * d.H * d.Lk * d.D}, f32);
     }
-    const Segments sg = causal ? choose_segments(d.B * d.H, d.Lq, nslices, dev) : Segments{};
+    const Segments sg = choose_segments(d.B * d.H, std::max(d.Lq, d.Lk), nslices, dev);
     Tensor s_init, sz_init, r_init, rz_init;
-    if (sg.nseg > 1) {  // segments start from the key state before them (dq) and the query state after (dk, dv)
+    if (sg.nseg > 1) {  // causal segments start from the key state before them (dq) and the query state after
+                        // (dk, dv); non-causal ones from the states over all keys and all queries
       const int64_t M = feature_count(p.D);
       p.nseg = static_cast<int>(sg.nseg);
       p.seg_len = static_cast<int>(sg.seg_len);
@@ -473,8 +517,8 @@ inline std::tuple<Tensor, Tensor, Tensor> taylor_bwd(const Tensor& grad_out_in, 
       pa.kv_out = seg_kv.data_ptr();
       pa.ks_out = seg_ks.data_ptr();
       launch_chunk(dt, pa, chunk_dv_slice(pa, dv_slice_setting(), dev), dev, stream);
-      s_init = exclusive_segment_sums(seg_kv, false, Tensor());
-      sz_init = exclusive_segment_sums(seg_ks, false, Tensor());
+      s_init = causal ? exclusive_segment_sums(seg_kv, false, Tensor()) : total_over_segments(seg_kv);
+      sz_init = causal ? exclusive_segment_sums(seg_ks, false, Tensor()) : total_over_segments(seg_ks);
       Tensor seg_r = new_buffer({d.B, d.H, sg.nseg, M, d.Dv}, f32);
       Tensor seg_rz = new_buffer({d.B, d.H, sg.nseg, M}, f32);
       BwdParams pr = p;
@@ -482,8 +526,8 @@ inline std::tuple<Tensor, Tensor, Tensor> taylor_bwd(const Tensor& grad_out_in, 
       pr.r_out = seg_r.data_ptr<float>();
       pr.rz_out = seg_rz.data_ptr<float>();
       launch_chunk_bwd(dt, pr, ds, nullptr, nullptr, dev, stream);
-      r_init = exclusive_segment_sums(seg_r, true, Tensor());
-      rz_init = exclusive_segment_sums(seg_rz, true, Tensor());
+      r_init = causal ? exclusive_segment_sums(seg_r, true, Tensor()) : total_over_segments(seg_r);
+      rz_init = causal ? exclusive_segment_sums(seg_rz, true, Tensor()) : total_over_segments(seg_rz);
       p.s0 = s_init.data_ptr<float>();
       p.sz0 = sz_init.data_ptr<float>();
       p.r0 = r_init.data_ptr<float>();
@@ -552,7 +596,7 @@ inline std::tuple<Tensor, Tensor, Tensor> taylor_prefill(const Tensor& q_in, con
           pq.num0 = num0.data_ptr();
           pq.den0 = den0.data_ptr();
         }
-        launch_quad_fwd(dt, pq, dev, stream);
+        launch_quadratic(dt, pq, dev, stream);
         launch_state_accum(dt, p, dev, stream);
       }
     }

@@ -83,7 +83,7 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (min_blocks<DK, DS>())) chunk_kernel(A
   const int c0 = slice * DS;
   const int ncols = min(DS, Dv - c0);
   const float scale = static_cast<float>(p.scale);
-  const int Lrange = (CAUSAL && !p.state_only) ? Lq : Lk;  // the tokens this block walks: [tbeg, tend)
+  const int Lrange = p.state_only ? Lk : Lq;  // the tokens this block walks: [tbeg, tend)
   const int tbeg = nseg > 1 ? seg * p.seg_len : 0;
   const int tend = nseg > 1 ? min(Lrange, tbeg + p.seg_len) : Lrange;
 
@@ -303,13 +303,15 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (min_blocks<DK, DS>())) chunk_kernel(A
       LA_SYNC();
     }
   } else {
-    for (int t0 = 0; t0 < Lk; t0 += C) {
-      load_kv(t0);
-      LA_SYNC();
-      update_state(min(C, Lk - t0));
-      LA_SYNC();
+    if (nseg == 1) {  // segmented: the state over all keys comes in kv0
+      for (int t0 = 0; t0 < Lk; t0 += C) {
+        load_kv(t0);
+        LA_SYNC();
+        update_state(min(C, Lk - t0));
+        LA_SYNC();
+      }
     }
-    for (int t0 = 0; t0 < Lq; t0 += C) {
+    for (int t0 = tbeg; t0 < tend; t0 += C) {
       load_q(t0);
       LA_SYNC();
       float o[NTO][4];
@@ -321,6 +323,7 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (min_blocks<DK, DS>())) chunk_kernel(A
     }
   }
 
+  LA_SYNC();  // the walk may have been empty (a segment past the end): order the state's init and reads
   float* kv_out = static_cast<float*>(p.kv_out);
   float* ks_out = static_cast<float*>(p.ks_out);
   if (kv_out != nullptr) {
@@ -695,18 +698,21 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
       LA_SYNC();
     }
   } else {
-    for (int t0 = 0; t0 < Lk; t0 += C) {
-      cm.load_rows(Ks, static_cast<const T*>(p.k), t0, Lk);
-      cm.load_v(Vh, t0, cp);
-      cm.load_keep(keep, t0);
-      LA_SYNC();
-      update(min(C, Lk - t0));
-      LA_SYNC();
+    if (cm.nseg == 1) {  // segmented: the state over all keys comes in s0
+      for (int t0 = 0; t0 < Lk; t0 += C) {
+        cm.load_rows(Ks, static_cast<const T*>(p.k), t0, Lk);
+        cm.load_v(Vh, t0, cp);
+        cm.load_keep(keep, t0);
+        LA_SYNC();
+        update(min(C, Lk - t0));
+        LA_SYNC();
+      }
     }
     float zero_acc[DK / 8][4];
 #pragma unroll
     for (int nd = 0; nd < DK / 8; ++nd) zero_acc[nd][0] = zero_acc[nd][1] = zero_acc[nd][2] = zero_acc[nd][3] = 0.f;
-    for (int t0 = 0; t0 < Lq; t0 += C) {
+    const int tend = cm.seg_end(Lq);
+    for (int t0 = cm.seg_begin(); t0 < tend; t0 += C) {
       cm.load_rows(Qs, static_cast<const T*>(p.q), t0, Lq);
       cm.load_g(Gh, t0, cp);
       LA_SYNC();
@@ -770,8 +776,9 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
     }
   };
 
-  // dv += phi(K) R[:, :DS];  dk rows += J(k)^T (v^ R^T), one tile of 8 features at a time.
-  auto inter = [&](const Frag<SPLIT, 4> (&fv)[NTO], float (&dv)[DS / 8][4]) {
+  // dv += phi(K) R[:, :DS];  dk rows += J(k)^T (v^ R^T), one tile of 8 features at a time. (The v^
+  // fragments are reloaded from shared memory here rather than kept in registers: register pressure.)
+  auto inter = [&](float (&dv)[DS / 8][4]) {
     const float* x0 = Ks + (r0 + g) * QST;
     const float* x1 = x0 + 8 * QST;
 #pragma unroll 1
@@ -794,10 +801,15 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
       float w[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int ks = 0; ks < NTO; ++ks) {
+        const float2 x = *reinterpret_cast<const float2*>(Vh + cp(r0 + g, ks * 8 + t));
+        const float2 y = *reinterpret_cast<const float2*>(Vh + cp(r0 + g + 8, ks * 8 + t));
+        const float av2[4] = {x.x, y.x, x.y, y.y};
+        Frag<SPLIT, 4> fv;
+        fv.set(av2);
         const float bv[2] = {R[rp(f0 + g, ks * 8 + t)], R[rp(f0 + g, ks * 8 + t + 4)]};
         Frag<SPLIT, 2> fb;
         fb.set(bv);
-        mma<SPLIT>(w, fv[ks], fb);
+        mma<SPLIT>(w, fv, fb);
       }
       cm.scatter(dk_w, w, f0, ftab, Ks + r0 * QST);
     }
@@ -870,8 +882,6 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
   };
 
   auto key_chunk = [&](int t0, bool intra_part) {
-    Frag<SPLIT, 4> fv[NTO];
-    v_frags(fv);
     float dv[DS / 8][4];
     float dk[DK / 8][4];
 #pragma unroll
@@ -879,6 +889,8 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
 #pragma unroll
     for (int nd = 0; nd < DK / 8; ++nd) dk[nd][0] = dk[nd][1] = dk[nd][2] = dk[nd][3] = 0.f;
     if (intra_part) {
+      Frag<SPLIT, 4> fv[NTO];
+      v_frags(fv);
       const int pg = (g >> 1) + 4 * (g & 1);
 #pragma unroll 1
       for (int qt = 2 * warp; qt < C / 8; ++qt) {  // query tiles at or after the warp's keys
@@ -935,7 +947,7 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
         }
       }
     }
-    inter(fv, dv);
+    inter(dv);
     write_dv(dv, t0);
     cm.flush(dk_w, dk, scale, t0 + r0, min(16, Lk - t0 - r0), Lk, p.dk, dk_part, nslices, keep + r0);
   };
@@ -949,6 +961,7 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
       update(min(C, tend - t0));
       LA_SYNC();
     }
+    LA_SYNC();  // the walk may have been empty (a segment past the end)
     for (int i = tid; i < M * DS; i += THREADS) {
       const int m = i / DS, c = i - m * DS;
       if (c < cm.ncols) p.r_out[(cm.vbh * M + m) * Dv + cm.c0 + c] = R[rp(m, c)];
@@ -973,14 +986,17 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
       LA_SYNC();
     }
   } else {
-    for (int t0 = 0; t0 < Lq; t0 += C) {
-      cm.load_rows(Qs, static_cast<const T*>(p.q), t0, Lq);
-      cm.load_g(Gh, t0, rp);
-      LA_SYNC();
-      update(min(C, Lq - t0));
-      LA_SYNC();
+    if (cm.nseg == 1) {  // segmented: the state over all queries comes in r0
+      for (int t0 = 0; t0 < Lq; t0 += C) {
+        cm.load_rows(Qs, static_cast<const T*>(p.q), t0, Lq);
+        cm.load_g(Gh, t0, rp);
+        LA_SYNC();
+        update(min(C, Lq - t0));
+        LA_SYNC();
+      }
     }
-    for (int t0 = 0; t0 < Lk; t0 += C) {
+    const int tend = cm.seg_end(Lk);
+    for (int t0 = cm.seg_begin(); t0 < tend; t0 += C) {
       cm.load_rows(Ks, static_cast<const T*>(p.k), t0, Lk);
       cm.load_v(Vh, t0, cp);
       cm.load_keep(keep, t0);
@@ -1111,8 +1127,10 @@ int chunk_dv_slice(const AttnParams& p, int setting, const DeviceInfo& dev) {
 void launch_chunk(DType dt, const AttnParams& p, int dv_slice, const DeviceInfo& dev, la_stream_t stream) {
   TORCH_CHECK(chunk_supported(dt, p.D, p.Dv, dev), "linattn_cuda: the tensor-core chunked kernel does not support "
               "this dtype, D = ", p.D, " or this device");
-  TORCH_CHECK(p.nseg <= 1 || (p.seg_len > 0 && p.seg_len % tc::C == 0 && p.causal),
-              "linattn_cuda: segments need a causal launch and a length that is a multiple of ", tc::C);
+  TORCH_CHECK(p.nseg <= 1 || (p.seg_len > 0 && p.seg_len % tc::C == 0),
+              "linattn_cuda: segments need a length that is a multiple of ", tc::C);
+  TORCH_CHECK(p.nseg <= 1 || p.causal || p.state_only || p.kv0 != nullptr,
+              "linattn_cuda: non-causal segments read the state over all keys from kv0");
   if (p.B * p.H == 0 || (p.Lq == 0 && p.kv_out == nullptr)) return;
   dv_slice = chunk_dv_slice(p, dv_slice, dev);
   switch (dt) {
@@ -1138,14 +1156,15 @@ bool chunk_bwd_supported(DType dt, int D, int Dv, const DeviceInfo& dev) {
   return smem <= static_cast<size_t>(dev.smem_optin);
 }
 
-int chunk_bwd_dv_slice(const BwdParams& p, int setting, const DeviceInfo& dev) {
+int chunk_bwd_dv_slice(DType dt, const BwdParams& p, int setting, const DeviceInfo& dev) {
   if (p.D > 16) return 32;
   const int MP = (feature_count(p.D) + 15) / 16 * 16;
   const bool fits64 = tc::BwdLayout<16, 64>::smem_dkdv(MP) <= static_cast<size_t>(dev.smem_optin) &&
                       tc::BwdLayout<16, 64>::smem_dq(MP) <= static_cast<size_t>(dev.smem_optin);
   if (setting == 32 || !fits64) return 32;
   if (setting == 64) return 64;
-  return p.Dv > 32 ? 64 : 32;  // one slice for Dv <= 64: no partial sums
+  // one slice for Dv <= 64 (no partial sums), except fp32 whose 3xTF32 fragments spill at 64 columns
+  return (p.Dv > 32 && dt != DType::F32) ? 64 : 32;
 }
 
 void launch_chunk_bwd(DType dt, const BwdParams& p, int dv_slice, float* dq_part, float* dk_part,
@@ -1153,8 +1172,10 @@ void launch_chunk_bwd(DType dt, const BwdParams& p, int dv_slice, float* dq_part
   TORCH_CHECK(chunk_bwd_supported(dt, p.D, p.Dv, dev), "linattn_cuda: the tensor-core chunked backward does not "
               "support this dtype, D = ", p.D, " or this device");
   TORCH_CHECK(dv_slice == 32 || dv_slice == 64, "linattn_cuda: dv_slice must be 32 or 64");
-  TORCH_CHECK(p.nseg <= 1 || (p.seg_len > 0 && p.seg_len % tc::C == 0 && p.causal),
-              "linattn_cuda: segments need a causal backward and a length that is a multiple of ", tc::C);
+  TORCH_CHECK(p.nseg <= 1 || (p.seg_len > 0 && p.seg_len % tc::C == 0),
+              "linattn_cuda: segments need a length that is a multiple of ", tc::C);
+  TORCH_CHECK(p.nseg <= 1 || p.causal || p.state_only || (p.s0 != nullptr && p.r0 != nullptr),
+              "linattn_cuda: non-causal backward segments read the full states from s0 and r0");
   TORCH_CHECK(!p.state_only || (p.r_out != nullptr && p.rz_out != nullptr), "linattn_cuda: state_only needs r_out");
   if (p.B * p.H == 0) return;
   switch (dt) {

@@ -7,6 +7,7 @@
 
 #include "../taylor_simt.cu"
 #include "../taylor_tc.cu"
+#include "../quad_tc.cuh"
 #include "../taylor_host.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
