@@ -183,3 +183,15 @@ def test_cpu_direct_op_call_checks_arguments():
             torch.ops.linattn_cuda.taylor_fwd(q, k, v, None, False, 0.5)
         finally:
             del os.environ["LINATTN_CPU_FORM"]
+
+
+def test_cpu_opcheck_on_strided_inputs():
+    """Fake and real kernels agree on output layouts also for non-contiguous inputs (torch.compile relies on it)."""
+    q, k, v, m = make_inputs(2, 3, 21, 21, 4, 6, seed=15, mask="random")
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    vt = torch.stack([v, -v], dim=-1)[..., 0]
+    ops = torch.ops.linattn_cuda
+    out, den = ops.taylor_fwd(qt, k, vt, m, True, 0.5)
+    g = torch.randn_like(out)
+    torch.library.opcheck(ops.taylor_fwd, (qt.requires_grad_(), k, vt, m, True, 0.5))
+    torch.library.opcheck(ops.taylor_bwd, (g, qt.detach(), k, vt, m, out, den, True, 0.5))

@@ -606,11 +606,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_bwd_cpu(const at::Tensor& 
       });
     });
   }
-  // Gradients take the layout of their inputs (the fake kernel says empty_like).
-  auto like = [](const at::Tensor& grad, const at::Tensor& input) {
-    return at::empty_like(input).copy_(grad);
-  };
-  return {like(dq, q_in), like(dk, k_in), like(dv, v_in)};
+  // Contiguous gradients, as the CUDA kernels and the fake kernel (linattn_cuda/ops.py) give.
+  const auto dt = q_in.scalar_type();
+  return {dq.to(dt), dk.to(dt), dv.to(dt)};
 }
 
 void check_state(const at::Tensor& kv, const at::Tensor& k_sum, int64_t b, int64_t h, int64_t m, int64_t dv) {
