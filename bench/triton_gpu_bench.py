@@ -216,7 +216,7 @@ def run(out_dir: str, *, dry_run: bool = False, lengths=None, batch=16, heads=16
                 del qf, kf, vf, gf
 
     if sweep:
-        L = lengths[-1]
+        L = max(lengths)  # the longest, whatever the order the lengths were given in
         log(f"chunked-kernel block sizes at L = {L} (causal)")
         q, k, v = rnd(batch, heads, L, d), rnd(batch, heads, L, d), rnd(batch, heads, L, dv)
         g = rnd(batch, heads, L, dv)
