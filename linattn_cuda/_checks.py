@@ -78,7 +78,6 @@ def check_step_inputs(q, k, v, state) -> None:
 
 
 def check_state(state, batch: int, heads: int, head_dim: int, value_dim: int, device) -> None:
-    from .reference import TaylorState
 
     if not isinstance(state, tuple) or len(state) != 2:
         raise TypeError("state must be a TaylorState(kv, k_sum), as returned by taylor_attention_prefill")
@@ -98,7 +97,6 @@ def check_state(state, batch: int, heads: int, head_dim: int, value_dim: int, de
             raise ValueError(f"{name} must be on the same device as q ({device}), got {x.device}")
     if kv.dtype != k_sum.dtype:
         raise TypeError(f"state.kv and state.k_sum must share a dtype, got {kv.dtype} and {k_sum.dtype}")
-    del TaylorState
 
 
 def check_fused_limits(backend: str, q: torch.Tensor, v: torch.Tensor, max_head_dim: int, max_value_dim: int) -> None:
