@@ -78,7 +78,6 @@ def check_step_inputs(q, k, v, state) -> None:
 
 
 def check_state(state, batch: int, heads: int, head_dim: int, value_dim: int, device) -> None:
-
     if not isinstance(state, tuple) or len(state) != 2:
         raise TypeError("state must be a TaylorState(kv, k_sum), as returned by taylor_attention_prefill")
     kv, k_sum = state
