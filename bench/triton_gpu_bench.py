@@ -33,9 +33,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 # Chunked-kernel configurations timed at the longest L (causal): (C, BDV, warps, fused) and (C, warps, fused).
-SWEEP_FWD = [(16, 32, 4, True), (32, 32, 4, True), (32, 64, 8, True), (64, 32, 8, True), (16, 16, 4, True),
-             (32, 32, 4, False)]
-SWEEP_BWD = [(16, 8, True), (32, 8, True), (16, 4, True), (16, 4, False)]
+# (C, BDV, warps, fused) around the defaults of linattn_cuda/triton/chunk.py (first: the default; then its
+# neighbours; last: the previous default, C=32 BDV=32 warps=4 fwd / C=16 warps=8 bwd, as the reference).
+SWEEP_FWD = [(32, 64, 8, True), (64, 64, 8, True), (16, 64, 8, True), (32, 64, 4, True), (16, 32, 4, True),
+             (32, 32, 4, True)]
+SWEEP_BWD = [(32, 8, True), (64, 8, True), (32, 4, True), (16, 8, True)]
+
+# (LINATTN_CUDA_DV_SLICE, LINATTN_CUDA_SEGMENTS) for the CUDA causal forward at the longest length
+CUDA_SWEEP = [(64, 1), (32, 1), (64, 2), (32, 2)]
+# (BLOCK_M, BLOCK_DV, num_warps) of the Triton decode step (first: the default of linattn_cuda/triton/step.py)
+STEP_SWEEP = [(64, 64, 4), (32, 64, 4), (64, 32, 4), (32, 32, 4), (16, 64, 2), (64, 64, 8)]
 
 TARGETS = {
     "causal_fwd_ms_B16_L8192": 1.5,  # causal forward at B=16, L=8192 at most this many ms
@@ -94,6 +101,7 @@ def run(out_dir: str, *, dry_run: bool = False, lengths=None, batch=16, heads=16
     import triton
 
     import linattn_cuda.triton.ops  # noqa: F401  (registers torch.ops.linattn_cuda.triton_*)
+    from linattn_cuda._extension import has_kernel
     from linattn_cuda.feature_map import feature_dim
     from linattn_cuda.triton import chunk as chunk_mod
     from linattn_cuda.triton.backend import choose_form
@@ -162,8 +170,6 @@ def run(out_dir: str, *, dry_run: bool = False, lengths=None, batch=16, heads=16
                 record(name, "fwd+bwd", causal, L, fwdbwd, _taylor_flops(batch, heads, L, L, d, dv, causal, True),
                        grad_to_none=[q, k, v])
         # the CUDA C++ kernels (csrc/cuda), side by side, when the extension was built with them
-        from linattn_cuda._extension import has_kernel
-
         if device == "cuda" and has_kernel("CUDA"):
             import linattn_cuda.ops  # noqa: F401  (autograd for taylor_fwd)
 
@@ -235,6 +241,27 @@ def run(out_dir: str, *, dry_run: bool = False, lengths=None, batch=16, heads=16
             record("triton-chunk-sweep", "bwd", True, L, sw_bwd, _taylor_flops(batch, heads, L, L, d, dv, True, True) / 3.5 * 2.5,
                    config=f"C={c} warps={warps} {'fused' if fused else 'split'}")
         del q, k, v, g, out, den
+        if device == "cuda" and has_kernel("CUDA"):
+            # the CUDA kernels' switches (read per call): value columns per block, sequence segments
+            q, k, v = rnd(batch, heads, L, d), rnd(batch, heads, L, d), rnd(batch, heads, L, dv)
+            for ds, segs in CUDA_SWEEP:
+                saved = {n: os.environ.get(n) for n in ("LINATTN_CUDA_DV_SLICE", "LINATTN_CUDA_SEGMENTS")}
+                os.environ["LINATTN_CUDA_DV_SLICE"] = str(ds)
+                os.environ["LINATTN_CUDA_SEGMENTS"] = str(segs)
+                try:
+                    def cu_fwd():
+                        return torch.ops.linattn_cuda.taylor_fwd(q, k, v, None, True, scale)[0]
+
+                    with torch.no_grad():
+                        record("cuda-ext-sweep", "fwd", True, L, cu_fwd, _taylor_flops(batch, heads, L, L, d, dv, True, False),
+                               config=f"DV_SLICE={ds} SEGMENTS={segs}")
+                finally:
+                    for n, val in saved.items():
+                        if val is None:
+                            os.environ.pop(n, None)
+                        else:
+                            os.environ[n] = val
+            del q, k, v
 
     # decoding step vs a device-to-device copy
     log("decode step")
@@ -251,6 +278,22 @@ def run(out_dir: str, *, dry_run: bool = False, lengths=None, batch=16, heads=16
         del src, dst
     except Exception as exc:  # noqa: BLE001
         log(f"  copy bandwidth failed: {exc}")
+    from linattn_cuda.triton import step as step_mod
+
+    def graphed(fn):
+        """``fn`` captured in a CUDA graph: its replay times the kernels without the Python launch cost."""
+        if device != "cuda":
+            return fn
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()  # compile and warm outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
+
     for bh in decode_bh:
         b = max(1, bh // heads)
         hh = bh // b
@@ -259,18 +302,44 @@ def run(out_dir: str, *, dry_run: bool = False, lengths=None, batch=16, heads=16
             qd, kd, vd = rnd(b, hh, d), rnd(b, hh, d), rnd(b, hh, dv)
             kv = torch.randn(b, hh, m, dv, device=device, generator=gen)
             ks = torch.rand(b, hh, m, device=device, generator=gen) + 1.0
-            ms = bench(lambda: torch.ops.linattn_cuda.triton_step(qd, kd, vd, kv, ks, scale))
             state_bytes = 2 * (kv.numel() + ks.numel()) * 4
-            gbs = state_bytes / (ms * 1e-3) / 1e9
+
+            def gbs_of(ms):
+                return state_bytes / (ms * 1e-3) / 1e9
+
+            def t_step():
+                return torch.ops.linattn_cuda.triton_step(qd, kd, vd, kv, ks, scale)
+
+            ms = bench(t_step)
+            gbs = gbs_of(ms)
             row.update(ms=ms, state_GBps=gbs, fraction_of_copy=(gbs / copy_gbs) if copy_gbs else None)
             log(f"  B*H={bh:5d} {ms:8.4f} ms {gbs:8.1f} GB/s" + (f" ({gbs / copy_gbs:.0%} of copy)" if copy_gbs else ""))
-            from linattn_cuda._extension import has_kernel
+            # the same in a CUDA graph (no launch cost: the kernel's own time), then block-size variants
+            ms_g = bench(graphed(t_step))
+            row.update(graph_ms=ms_g, graph_fraction_of_copy=(gbs_of(ms_g) / copy_gbs) if copy_gbs else None)
+            log(f"  B*H={bh:5d} graph {ms_g:8.4f} ms {gbs_of(ms_g):8.1f} GB/s")
+            sweep_rows = []
+            for bm, bdv, warps in ((STEP_SWEEP if not dry_run else [(32, 32, 4)]) if sweep else []):
+                def t_var(bm=bm, bdv=bdv, warps=warps):
+                    return step_mod.step_fwd(qd, kd, vd, kv, ks, scale, block_m=bm, block_dv=bdv, num_warps=warps)
 
+                try:
+                    ms_v = bench(graphed(t_var))
+                    sweep_rows.append(dict(config=f"BM={bm} BDV={bdv} warps={warps}", graph_ms=ms_v,
+                                           state_GBps=gbs_of(ms_v)))
+                    log(f"    step BM={bm:3d} BDV={bdv:3d} warps={warps} graph {ms_v:8.4f} ms {gbs_of(ms_v):8.1f} GB/s")
+                except Exception as exc:  # noqa: BLE001
+                    sweep_rows.append(dict(config=f"BM={bm} BDV={bdv} warps={warps}", error=str(exc)[:300]))
+            if sweep_rows:
+                row["sweep"] = sweep_rows
             if device == "cuda" and has_kernel("CUDA", "taylor_step"):
-                ms_c = bench(lambda: torch.ops.linattn_cuda.taylor_step(qd, kd, vd, kv, ks, scale))
-                gbs_c = state_bytes / (ms_c * 1e-3) / 1e9
-                row.update(cuda_ms=ms_c, cuda_state_GBps=gbs_c)
-                log(f"  cuda-ext step B*H={bh:5d} {ms_c:8.4f} ms {gbs_c:8.1f} GB/s")
+                def c_step():
+                    return torch.ops.linattn_cuda.taylor_step(qd, kd, vd, kv, ks, scale)
+
+                ms_c = bench(c_step)
+                ms_cg = bench(graphed(c_step))
+                row.update(cuda_ms=ms_c, cuda_state_GBps=gbs_of(ms_c), cuda_graph_ms=ms_cg)
+                log(f"  cuda-ext step B*H={bh:5d} {ms_c:8.4f} ms {gbs_of(ms_c):8.1f} GB/s; graph {ms_cg:8.4f} ms")
         except Exception as exc:  # noqa: BLE001
             row.update(ms=None, error=f"{type(exc).__name__}: {str(exc)[:400]}")
             log(f"  B*H={bh} FAILED {row['error']}")
@@ -340,6 +409,9 @@ def _targets(rows, decode, batch, lengths):
     fr = [r.get("fraction_of_copy") for r in decode if r.get("fraction_of_copy") is not None]
     out["decode_fraction_of_copy"] = dict(min=min(fr) if fr else None, target=TARGETS["decode_fraction_of_copy_bw"],
                                           met=bool(fr) and min(fr) >= 0.5)
+    fg = [r.get("graph_fraction_of_copy") for r in decode if r.get("graph_fraction_of_copy") is not None]
+    out["decode_fraction_of_copy_graph"] = dict(min=min(fg) if fg else None, target=TARGETS["decode_fraction_of_copy_bw"],
+                                                met=bool(fg) and min(fg) >= 0.5)
     return out
 
 
@@ -378,13 +450,24 @@ def markdown(result) -> str:
         lines += ["", "Errors:"] + [f"- {r['impl']} {r.get('mode', '')} L={r.get('L', '')}: {r['error']}" for r in errors[:12]]
     d = result["decode"]
     lines += ["", f"Decode step (state read + write, float32, M=153, Dv=64); device copy {d['copy_GBps'] or float('nan'):.0f} GB/s:", "",
-              "| B*H | ms | state GB/s | of copy |", "|---|---|---|---|"]
+              "| B*H | ms | state GB/s | of copy | in a CUDA graph: ms | of copy | cuda-ext ms | cuda-ext graph ms |",
+              "|---|---|---|---|---|---|---|---|"]
+
+    def fmt(x, spec):
+        return "" if x is None else format(x, spec)
+
     for r in d["rows"]:
         if r.get("ms") is None:
-            lines.append(f"| {r['B'] * r['H']} | error | {r.get('error', '')} | |")
+            lines.append(f"| {r['B'] * r['H']} | error | {r.get('error', '')} | | | | | |")
         else:
-            frac = r.get("fraction_of_copy")
-            lines.append(f"| {r['B'] * r['H']} | {r['ms']:.4f} | {r['state_GBps']:.0f} | {'' if frac is None else f'{frac:.0%}'} |")
+            lines.append(f"| {r['B'] * r['H']} | {r['ms']:.4f} | {r['state_GBps']:.0f} | {fmt(r.get('fraction_of_copy'), '.0%')} "
+                         f"| {fmt(r.get('graph_ms'), '.4f')} | {fmt(r.get('graph_fraction_of_copy'), '.0%')} "
+                         f"| {fmt(r.get('cuda_ms'), '.4f')} | {fmt(r.get('cuda_graph_ms'), '.4f')} |")
+    sweeps = [(r["B"] * r["H"], x) for r in d["rows"] for x in r.get("sweep", [])]
+    if sweeps:
+        lines += ["", "Decode step block sizes (CUDA graph replay):", "", "| B*H | config | ms | state GB/s |", "|---|---|---|---|"]
+        for bh, x in sweeps:
+            lines.append(f"| {bh} | {x['config']} | {fmt(x.get('graph_ms'), '.4f') or 'error'} | {fmt(x.get('state_GBps'), '.0f')} |")
     lines += ["", "Targets:", ""]
     for name, t in result["targets"].items():
         lines.append(f"- {name}: {'MET' if t['met'] else 'not met'} — {json.dumps({k: v for k, v in t.items() if k != 'met'})}")

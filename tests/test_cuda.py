@@ -572,7 +572,8 @@ def test_argument_checks(ops):
     import sys
 
     res = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::test_argument_checks"],
+        [sys.executable, "-X", "faulthandler", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         f"{__file__}::test_argument_checks"],
         env={**os.environ, "LINATTN_ARGCHECK_CHILD": "1"}, capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 0, f"exit code {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"

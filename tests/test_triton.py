@@ -45,7 +45,7 @@ def _poison(monkeypatch):
 def run_fwd_bwd(case: Case, q, k, v, kpm, grad_out):
     """(out, dq, dk, dv) from the kernels: through the custom op and autograd, or the launchers when a
     case forces a chunk mode / size."""
-    if case.fused is None and case.chunk is None:
+    if case.fused is None and case.chunk is None and case.block_dv is None:
         qs, ks, vs = (x.detach().requires_grad_(True) for x in (q, k, v))
         out, den = torch.ops.linattn_cuda.triton_fwd(qs, ks, vs, kpm, case.causal, case.scale, case.form == "chunk")
         assert den.dtype == torch.float32
@@ -53,7 +53,7 @@ def run_fwd_bwd(case: Case, q, k, v, kpm, grad_out):
         return out.detach(), dq, dk, dv
     assert case.form == "chunk"
     opts = dict(chunk=case.chunk, fused=case.fused)
-    out, den = chunk.chunk_fwd(q, k, v, kpm, case.causal, case.scale, **opts)
+    out, den = chunk.chunk_fwd(q, k, v, kpm, case.causal, case.scale, block_dv=case.block_dv, **opts)
     dq, dk, dv = chunk.chunk_bwd(grad_out, q, k, v, kpm, out, den, case.causal, case.scale, **opts)
     return out, dq, dk, dv
 
@@ -203,6 +203,25 @@ def test_prefill_state(case):
     check_close("out", out, want, lowp, case_id=case.id)
     check_close("kv", kv2, st.kv, case_id=case.id)
     check_close("k_sum", ks2, st.k_sum, case_id=case.id)
+
+
+@pytest.mark.parametrize("block_m,block_dv,num_warps", [(16, 16, 1), (32, 64, 2)])
+def test_step_block_sizes(block_m, block_dv, num_warps):
+    """The decode step with non-default block sizes (several value blocks; a partial last row block) ==
+    the reference step."""
+    g = torch.Generator().manual_seed(block_m * 100 + block_dv)
+    b, h, d, dv = 2, 2, 16, 40
+    m = feature_dim(d)
+    q, k, v = (torch.randn(b, h, n, generator=g).to(DEVICE) for n in (d, d, dv))
+    pk, pv = torch.randn(b, h, 5, d, generator=g).double(), torch.randn(b, h, 5, dv, generator=g).double()
+    _, st = ref.taylor_attention_chunked(pk, pk, pv, scale=d**-0.5)
+    out, kv, ks = step.step_fwd(q, k, v, st.kv.float().to(DEVICE), st.k_sum.float().to(DEVICE), d**-0.5,
+                                block_m=block_m, block_dv=block_dv, num_warps=num_warps)
+    want, wst = ref.taylor_attention_step_reference(q.double(), k.double(), v.double(), st, scale=d**-0.5)
+    assert kv.shape == (b, h, m, dv)
+    check_close("kv", kv, wst.kv)
+    check_close("k_sum", ks, wst.k_sum)
+    check_close("out", out, want)
 
 
 @pytest.mark.parametrize("d,dv,dtype", STEP_CASES)

@@ -33,6 +33,7 @@ class Case:
     form: str = "parallel"  # "parallel" (quadratic) | "chunk" (chunked linear)
     fused: Optional[bool] = None  # chunk form: force the fused / split mode (None: the launcher's choice)
     chunk: Optional[int] = None  # chunk form: tokens per chunk (None: the launcher's choice)
+    block_dv: Optional[int] = None  # chunk form: value columns per forward program (None: the launcher's choice)
 
     @property
     def id(self) -> str:
@@ -43,6 +44,8 @@ class Case:
             parts.append("fused" if self.fused else "split")
         if self.chunk is not None:
             parts.append(f"C{self.chunk}")
+        if self.block_dv is not None:
+            parts.append(f"BDV{self.block_dv}")
         return "-".join(parts)
 
     @property
@@ -148,6 +151,8 @@ CI_CASES = [
     Case(2, 1, 17, 40, 16, 40, causal=False, mask="random", form="chunk", fused=True, chunk=16),
     Case(1, 2, 33, 33, 5, 24, causal=True, mask="random", dtype=BF16, form="chunk", fused=True, chunk=16),
     Case(1, 2, 49, 49, 3, 24, causal=True, mask="random", form="chunk", fused=False, chunk=16),
+    # the defaults for many heads (C=32, all 64 value columns in one forward program), at a few heads
+    Case(1, 2, 70, 70, 16, 64, causal=True, mask="random", dtype=BF16, form="chunk", fused=True, chunk=32, block_dv=64),
 ]
 
 # prefill in two parts (state out, then state in)
@@ -168,6 +173,8 @@ GPU_CASES = [
     Case(4, 4, 4097, 4097, 16, 64, causal=True, dtype=BF16, form="chunk", fused=True),
     Case(4, 4, 4097, 4097, 16, 64, causal=False, mask="random", dtype=BF16, form="chunk", fused=True),
     Case(2, 3, 1000, 1500, 16, 64, causal=False, mask="fullrow", dtype=BF16, form="parallel"),
+    # enough heads for the launcher's own many-head defaults (B*H >= 132: 64 value columns per program)
+    Case(12, 12, 1000, 1000, 16, 64, causal=True, mask="random", dtype=BF16, form="chunk"),
     # B=1 prefill-like shape: the split chunk mode (atomics)
     Case(1, 4, 4097, 4097, 16, 64, causal=True, mask="random", dtype=BF16, form="chunk"),
     # head dims: 64 / 128 and Dv 256 (quadratic; chunk once at D=64)

@@ -107,7 +107,7 @@ def _launch_case(kind, c, opts, device):
         chunk.chunk_fwd(q, k, v, kpm, True, c.scale, write_state=True, **copts)
         chunk.chunk_fwd(q, k, v, kpm, True, c.scale, initial_state=st, write_state=True, **copts)
     elif kind == "step":
-        step.step_fwd(q[:, :, 0], k[:, :, 0], v[:, :, 0], st[0], st[1], c.scale)
+        step.step_fwd(q[:, :, 0], k[:, :, 0], v[:, :, 0], st[0], st[1], c.scale, **opts)
     elif kind == "chunk_fwd":
         chunk.chunk_fwd(q, k, v, kpm, c.causal, c.scale, **opts)
     elif kind == "chunk_bwd":
@@ -229,13 +229,15 @@ def full_cases():
         for form in ("parallel", "chunk"):
             cases.append(("fwd_bwd", dataclasses.replace(bench, causal=causal, form=form), {}))
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-    from triton_gpu_bench import SWEEP_BWD, SWEEP_FWD
+    from triton_gpu_bench import STEP_SWEEP, SWEEP_BWD, SWEEP_FWD
 
     for c, bdv, warps, fused in SWEEP_FWD:
         cases.append(("chunk_fwd", bench, dict(chunk=c, block_dv=bdv, num_warps=warps, fused=fused)))
     for c, warps, fused in SWEEP_BWD:
         cases.append(("chunk_bwd", bench, dict(chunk=c, num_warps=warps, fused=fused)))
     cases += [("step", Case(64, 16, 1, 1, 16, 64, dtype=BF16), {})]
+    for bm, bdv, warps in STEP_SWEEP:
+        cases.append(("step", Case(64, 16, 1, 1, 16, 64, dtype=BF16), dict(block_m=bm, block_dv=bdv, num_warps=warps)))
     return cases
 
 

@@ -9,6 +9,7 @@ feature vector or index table goes through memory. The state stays float32.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -18,6 +19,10 @@ from ..feature_map import feature_dim
 from .common import block_dim, new_output
 
 __all__ = ["step_fwd"]
+
+STEP_BLOCK_M = 64  # state rows per loop iteration
+STEP_BLOCK_DV = 64  # value columns per program (programs = B*H x value blocks)
+STEP_NUM_WARPS = 4
 
 
 @triton.jit
@@ -81,8 +86,12 @@ def _step_kernel(
     tl.store(O + bh * DV + offs_v, out.to(O.dtype.element_ty), mask=v_ok)
 
 
-def step_fwd(q, k, v, kv, k_sum, scale: float):
-    """``(out [B,H,Dv], kv', k_sum')``; q, k ``[B,H,D]``, v ``[B,H,Dv]``, state float32 symmetric map."""
+def step_fwd(q, k, v, kv, k_sum, scale: float, *, block_m: Optional[int] = None, block_dv: Optional[int] = None,
+             num_warps: Optional[int] = None):
+    """``(out [B,H,Dv], kv', k_sum')``; q, k ``[B,H,D]``, v ``[B,H,Dv]``, state float32 symmetric map.
+
+    ``block_m`` (state rows per iteration), ``block_dv`` (value columns per program) and ``num_warps``
+    override the defaults (tests and tuning: bench/triton_gpu_bench.py sweeps them)."""
     from torch.library import wrap_triton
 
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -90,14 +99,15 @@ def step_fwd(q, k, v, kv, k_sum, scale: float):
     b, h, d = q.shape
     d, dv = int(d), int(v.shape[-1])
     m = feature_dim(d)
-    block_dv = min(64, block_dim(dv))
-    block_m = 64
+    block_dv = block_dv or min(STEP_BLOCK_DV, block_dim(dv))
+    block_m = block_m or STEP_BLOCK_M
+    num_warps = num_warps or STEP_NUM_WARPS
     out = new_output((b, h, dv), q.dtype, q.device)
     kv1 = new_output(kv.shape, torch.float32, q.device)
     ks1 = new_output(k_sum.shape, torch.float32, q.device)
     grid = (b * h, triton.cdiv(dv, block_dv))
     wrap_triton(_step_kernel)[grid](
         q, k, v, kv, k_sum, out, kv1, ks1, scale, math.sqrt(scale), m,
-        D=d, DV=dv, BLOCK_M=block_m, BLOCK_DV=block_dv, num_warps=4,
+        D=d, DV=dv, BLOCK_M=block_m, BLOCK_DV=block_dv, num_warps=num_warps,
     )
     return out, kv1, ks1
