@@ -195,3 +195,33 @@ def test_cpu_opcheck_on_strided_inputs():
     g = torch.randn_like(out)
     torch.library.opcheck(ops.taylor_fwd, (qt.requires_grad_(), k, vt, m, True, 0.5))
     torch.library.opcheck(ops.taylor_bwd, (g, qt.detach(), k, vt, m, out, den, True, 0.5))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_cpu_padded_keys_values_never_leak(causal, form):
+    """Whatever padded keys hold (here NaN and inf in k and v), the output and the gradients of the other
+    positions are those of the same inputs with finite values there: padding removes a key exactly."""
+    b, h, L, d, dv = 2, 2, 70, 8, 20
+    q, k, v, m = make_inputs(b, h, L, L, d, dv, dtype=torch.float64, seed=seed_for("leak", causal, form),
+                             mask="full-row")
+    m[0, 5:40] = True  # a run of padded keys across chunk boundaries (chunks of 16 under the linear form)
+    m[0, 0] = False
+    bad_k, bad_v = k.detach().clone(), v.detach().clone()
+    pad = m[:, None, :, None].expand(b, h, L, 1)
+    bad_k = bad_k.masked_fill(pad.expand(-1, -1, -1, d), float("nan"))
+    bad_v = bad_v.masked_fill(pad.expand(-1, -1, -1, dv), float("inf"))
+    outs, grads = [], []
+    g = torch.randn(b, h, L, dv, dtype=torch.float64)
+    for kk, vv in ((k.detach(), v.detach()), (bad_k, bad_v)):
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q.detach(), kk, vv))
+        out = la.taylor_attention(qq, kk, vv, causal=causal, key_padding_mask=m, backend="cpu")
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, (qq, kk, vv), g))
+    keep = ~m[:, None, :, None]
+    visible = outs[0].isfinite()  # causal: queries before the first unpadded key see nothing (0)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-12)
+    assert visible.all()
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-9, atol=1e-12)  # dq
+    for i in (1, 2):  # dk, dv of the unpadded keys
+        torch.testing.assert_close(torch.where(keep, grads[1][i], 0.0), torch.where(keep, grads[0][i], 0.0),
+                                   rtol=1e-9, atol=1e-12)

@@ -37,6 +37,14 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
             const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
 }
 
+// The element-wise loops (feature map, polynomial, normalizer) are compiled for AVX-512 and AVX2 besides the
+// baseline x86-64 (SSE2) the extension is built for; the loader picks the best at run time (GCC ifunc).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(LINATTN_NO_SIMD_CLONES)
+#define LA_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define LA_SIMD_CLONES
+#endif
+
 namespace linattn_cuda {
 namespace {
 
@@ -112,7 +120,8 @@ struct FeatureMap {
         c3(static_cast<T>(scale)) {}
 
   // x^T (d x n) of n rows of x ([n x d], row stride d).
-  void transpose_in(const T* x, int n, T* xt) const {
+  LA_SIMD_CLONES
+  void transpose_in(const T* __restrict__ x, int n, T* __restrict__ xt) const {
     for (int r = 0; r < n; ++r)
       for (int a = 0; a < d; ++a) xt[static_cast<int64_t>(a) * n + r] = x[static_cast<int64_t>(r) * d + a];
   }
@@ -124,12 +133,13 @@ struct FeatureMap {
   }
 
   // phi^T (m x n) from x^T (d x n).
-  void build(const T* xt, int n, T* phit) const {
+  LA_SIMD_CLONES
+  void build(const T* __restrict__ xt, int n, T* __restrict__ phit) const {
     std::fill(phit, phit + n, T(1));
     for (int a = 0; a < d; ++a) {
-      const T* xa = xt + static_cast<int64_t>(a) * n;
-      T* lin = phit + static_cast<int64_t>(1 + a) * n;
-      T* sq = phit + static_cast<int64_t>(1 + d + a) * n;
+      const T* __restrict__ xa = xt + static_cast<int64_t>(a) * n;
+      T* __restrict__ lin = phit + static_cast<int64_t>(1 + a) * n;
+      T* __restrict__ sq = phit + static_cast<int64_t>(1 + d + a) * n;
       for (int r = 0; r < n; ++r) {
         lin[r] = c1 * xa[r];
         sq[r] = c2 * xa[r] * xa[r];
@@ -137,34 +147,37 @@ struct FeatureMap {
     }
     T* cross = phit + static_cast<int64_t>(1 + 2 * d) * n;
     for (int a = 0; a < d; ++a) {
-      const T* xa = xt + static_cast<int64_t>(a) * n;
+      const T* __restrict__ xa = xt + static_cast<int64_t>(a) * n;
       for (int b = a + 1; b < d; ++b, cross += n) {
-        const T* xb = xt + static_cast<int64_t>(b) * n;
-        for (int r = 0; r < n; ++r) cross[r] = c3 * xa[r] * xb[r];
+        const T* __restrict__ xb = xt + static_cast<int64_t>(b) * n;
+        T* __restrict__ out = cross;
+        for (int r = 0; r < n; ++r) out[r] = c3 * xa[r] * xb[r];
       }
     }
   }
 
   // grad[r] += (J_phi(x_r)^T u_r) for n rows; x^T (d x n), u^T (m x n), grad row-major [n x d];
   // gt is a d x n scratch.
-  void backprop(const T* xt, const T* ut, int n, T* gt, T* grad) const {
+  LA_SIMD_CLONES
+  void backprop(const T* __restrict__ xt, const T* __restrict__ ut, int n, T* __restrict__ gt, T* grad) const {
     for (int a = 0; a < d; ++a) {
-      const T* xa = xt + static_cast<int64_t>(a) * n;
-      const T* ulin = ut + static_cast<int64_t>(1 + a) * n;
-      const T* usq = ut + static_cast<int64_t>(1 + d + a) * n;
-      T* ga = gt + static_cast<int64_t>(a) * n;
+      const T* __restrict__ xa = xt + static_cast<int64_t>(a) * n;
+      const T* __restrict__ ulin = ut + static_cast<int64_t>(1 + a) * n;
+      const T* __restrict__ usq = ut + static_cast<int64_t>(1 + d + a) * n;
+      T* __restrict__ ga = gt + static_cast<int64_t>(a) * n;
       for (int r = 0; r < n; ++r) ga[r] = c1 * ulin[r] + T(2) * c2 * xa[r] * usq[r];
     }
     const T* cross = ut + static_cast<int64_t>(1 + 2 * d) * n;
     for (int a = 0; a < d; ++a) {
-      const T* xa = xt + static_cast<int64_t>(a) * n;
-      T* ga = gt + static_cast<int64_t>(a) * n;
+      const T* __restrict__ xa = xt + static_cast<int64_t>(a) * n;
+      T* __restrict__ ga = gt + static_cast<int64_t>(a) * n;
       for (int b = a + 1; b < d; ++b, cross += n) {
-        const T* xb = xt + static_cast<int64_t>(b) * n;
-        T* gb = gt + static_cast<int64_t>(b) * n;
+        const T* __restrict__ xb = xt + static_cast<int64_t>(b) * n;
+        const T* __restrict__ u = cross;
+        T* __restrict__ gb = gt + static_cast<int64_t>(b) * n;
         for (int r = 0; r < n; ++r) {
-          ga[r] += c3 * xb[r] * cross[r];
-          gb[r] += c3 * xa[r] * cross[r];
+          ga[r] += c3 * xb[r] * u[r];
+          gb[r] += c3 * xa[r] * u[r];
         }
       }
     }
@@ -240,6 +253,7 @@ void build_value_aug(const T* v, const bool* pad, int n, int dv, T* out, int ldv
 // out_r = num_r[:dv] / num_r[dv] (0 when the normalizer is 0; out rows ldo apart); den_r = num_r[dv]
 // unless den is null.
 template <typename T>
+LA_SIMD_CLONES
 void normalize_rows(const T* num, int n, int dv, T* out, T* den, int ldo) {
   const int dv1 = dv + 1;
   for (int r = 0; r < n; ++r) {
@@ -252,13 +266,90 @@ void normalize_rows(const T* num, int n, int dv, T* out, T* den, int ldo) {
   }
 }
 
-// P = poly(S) in place over an n x n block, zero above the diagonal (causal).
+// The forward keeps the normalizer out of the GEMMs: value GEMMs are exactly Dv wide (a Dv + 1 = 65 wide GEMM
+// runs ~13 % slower per useful FLOP than a 64 wide one with MKL's AVX-512 kernels, bench note in the README),
+// and the normalizer column (z = sum of phi(k), or the row sums of P) is done by the short loops below.
+
+// P = poly(S) over an n x lk block (rows ld apart; causal: zero above the diagonal), padded key columns 0,
+// and rowsum[i] = sum_j P_ij.
 template <typename T>
-void causal_poly(T* s, int n) {
+LA_SIMD_CLONES
+void poly_rows(T* s, int n, int lk, int ld, bool causal, const bool* pad, T* rowsum) {
   for (int i = 0; i < n; ++i) {
-    T* row = s + static_cast<int64_t>(i) * n;
-    for (int j = 0; j <= i; ++j) row[j] = poly(row[j]);
-    std::fill(row + i + 1, row + n, T(0));
+    T* __restrict__ row = s + static_cast<int64_t>(i) * ld;
+    const int end = causal ? i + 1 : lk;
+    T acc = T(0);
+    if (pad == nullptr) {
+#pragma omp simd reduction(+ : acc)
+      for (int j = 0; j < end; ++j) {
+        const T p = poly(row[j]);
+        row[j] = p;
+        acc += p;
+      }
+    } else {
+#pragma omp simd reduction(+ : acc)
+      for (int j = 0; j < end; ++j) {
+        const T p = pad[j] ? T(0) : poly(row[j]);
+        row[j] = p;
+        acc += p;
+      }
+    }
+    if (causal) std::fill(row + end, row + lk, T(0));
+    rowsum[i] = acc;
+  }
+}
+
+// The value rows of n keys for a GEMM: v itself (rows *ld apart) when none of them is padded, else a copy in
+// `scratch` with the padded rows zeroed (*ld = dv), so that padded keys add nothing whatever their values.
+template <typename T>
+const T* key_values(const T* v, const bool* pad, int n, int dv, int* ld, T* scratch) {
+  if (pad == nullptr || std::none_of(pad, pad + n, [](bool p) { return p; })) return v;
+  for (int r = 0; r < n; ++r) {
+    T* o = scratch + static_cast<int64_t>(r) * dv;
+    if (pad[r]) {
+      std::fill(o, o + dv, T(0));
+    } else {
+      const T* src = v + static_cast<int64_t>(r) * *ld;
+      std::copy(src, src + dv, o);
+    }
+  }
+  *ld = dv;
+  return scratch;
+}
+
+// Feature columns (phi^T: m x n) of padded keys set to 0.
+template <typename T>
+void zero_padded_columns(T* phit, int m, int n, const bool* pad) {
+  if (pad == nullptr) return;
+  for (int r = 0; r < n; ++r)
+    if (pad[r])
+      for (int f = 0; f < m; ++f) phit[static_cast<int64_t>(f) * n + r] = T(0);
+}
+
+// num[r * ldn] (+)= sum_f phi^T[f, r] z[f * ldz]: the normalizer of n queries against a state column.
+template <typename T>
+LA_SIMD_CLONES
+void project_normalizer(const T* __restrict__ phit, int m, int n, const T* z, int ldz, T* num, int ldn,
+                        bool accumulate, T* __restrict__ acc) {
+  std::fill(acc, acc + n, T(0));
+  for (int f = 0; f < m; ++f) {
+    const T zf = z[static_cast<int64_t>(f) * ldz];
+    const T* __restrict__ row = phit + static_cast<int64_t>(f) * n;
+    for (int r = 0; r < n; ++r) acc[r] += zf * row[r];
+  }
+  for (int r = 0; r < n; ++r) num[static_cast<int64_t>(r) * ldn] = (accumulate ? num[static_cast<int64_t>(r) * ldn] : T(0)) + acc[r];
+}
+
+// z[f * ldz] += sum_r phi^T[f, r]: the normalizer column of the state after n more keys.
+template <typename T>
+LA_SIMD_CLONES
+void add_feature_sums(const T* __restrict__ phit, int m, int n, T* z, int ldz) {
+  for (int f = 0; f < m; ++f) {
+    const T* __restrict__ row = phit + static_cast<int64_t>(f) * n;
+    T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+    for (int r = 0; r < n; ++r) acc += row[r];
+    z[static_cast<int64_t>(f) * ldz] += acc;
   }
 }
 
@@ -275,25 +366,30 @@ void forward_one(const T* q, const T* k, const T* v, const bool* pad, T* out, T*
   const int m = fm.m;
   const T tscale = static_cast<T>(scale);
   const int lq = static_cast<int>(s.lq), lk = static_cast<int>(s.lk);
+  // num: n x (Dv + 1) rows, the numerator in the first Dv columns and the normalizer in the last
 
   if (!causal && plan.quadratic) {
     const int c = std::min(plan.chunk, lq);
-    std::vector<T> vaug(static_cast<size_t>(lk) * dv1), sblk(static_cast<size_t>(c) * lk),
-        num(static_cast<size_t>(c) * dv1);
-    build_value_aug(v, pad, lk, dv, vaug.data(), ld);
+    std::vector<T> vscratch(pad ? static_cast<size_t>(lk) * dv : 0), sblk(static_cast<size_t>(c) * lk),
+        num(static_cast<size_t>(c) * dv1), rowsum(c);
+    int ldv = ld;
+    const T* vk = key_values(v, pad, lk, dv, &ldv, vscratch.data());
     for (int r0 = 0; r0 < lq; r0 += c) {
       const int n = std::min(c, lq - r0);
       gemm<T>(false, true, n, lk, d, tscale, q + static_cast<int64_t>(r0) * d, d, k, d, T(0), sblk.data(), lk);
-      for (int64_t i = 0; i < static_cast<int64_t>(n) * lk; ++i) sblk[i] = poly(sblk[i]);
-      gemm<T>(false, false, n, dv1, lk, T(1), sblk.data(), lk, vaug.data(), dv1, T(0), num.data(), dv1);
+      poly_rows(sblk.data(), n, lk, lk, false, pad, rowsum.data());
+      gemm<T>(false, false, n, dv, lk, T(1), sblk.data(), lk, vk, ldv, T(0), num.data(), dv1);
+      for (int r = 0; r < n; ++r) num[static_cast<size_t>(r) * dv1 + dv] = rowsum[r];
       normalize_rows(num.data(), n, dv, out + static_cast<int64_t>(r0) * ld, den ? den + r0 : nullptr, ld);
     }
     return;
   }
 
+  // Linear form. The state S_aug (m x (Dv + 1)): S = sum phi(k) v^T in the first Dv columns, z = sum phi(k) last.
   const int c = causal ? plan.chunk : std::min<int>(plan.chunk, std::max(lq, lk));
-  std::vector<T> xt(static_cast<size_t>(c) * d), gt(static_cast<size_t>(c) * d), phi(static_cast<size_t>(c) * m), vaug(static_cast<size_t>(c) * dv1),
-      num(static_cast<size_t>(c) * dv1), sblk(causal ? static_cast<size_t>(c) * c : 0);
+  std::vector<T> xt(static_cast<size_t>(c) * d), phi(static_cast<size_t>(c) * m),
+      vscratch(pad ? static_cast<size_t>(c) * dv : 0), num(static_cast<size_t>(c) * dv1), acc(c),
+      sblk(causal ? static_cast<size_t>(c) * c : 0);
   std::vector<T> local_state;
   T* st = state;
   if (st == nullptr) {
@@ -302,18 +398,30 @@ void forward_one(const T* q, const T* k, const T* v, const bool* pad, T* out, T*
   } else if (!has_state) {
     std::fill(st, st + static_cast<int64_t>(m) * dv1, T(0));
   }
+  T* z = st + dv;  // the normalizer column, stride dv1
+
+  // S_aug += phi(K)^T [V | 1] over n keys starting at r0 (phi built into `phi`)
+  auto add_keys = [&](int r0, int n) {
+    const bool* pc = pad ? pad + r0 : nullptr;
+    fm.features(k + static_cast<int64_t>(r0) * d, n, xt.data(), phi.data());
+    zero_padded_columns(phi.data(), m, n, pc);
+    int ldv = ld;
+    const T* vc = key_values(v + static_cast<int64_t>(r0) * ld, pc, n, dv, &ldv, vscratch.data());
+    gemm<T>(false, false, m, dv, n, T(1), phi.data(), n, vc, ldv, T(1), st, dv1);
+    add_feature_sums(phi.data(), m, n, z, dv1);
+  };
+  // num = phi(Q)^T S_aug for n queries starting at r0
+  auto read_state = [&](int r0, int n) {
+    fm.features(q + static_cast<int64_t>(r0) * d, n, xt.data(), phi.data());
+    gemm<T>(true, false, n, dv, m, T(1), phi.data(), n, st, dv1, T(0), num.data(), dv1);
+    project_normalizer(phi.data(), m, n, z, dv1, num.data() + dv, dv1, false, acc.data());
+  };
 
   if (!causal) {
-    for (int r0 = 0; r0 < lk; r0 += c) {  // state over all keys
-      const int n = std::min(c, lk - r0);
-      fm.features(k + static_cast<int64_t>(r0) * d, n, xt.data(), phi.data());
-      build_value_aug(v + static_cast<int64_t>(r0) * ld, pad ? pad + r0 : nullptr, n, dv, vaug.data(), ld);
-      gemm<T>(false, false, m, dv1, n, T(1), phi.data(), n, vaug.data(), dv1, T(1), st, dv1);
-    }
+    for (int r0 = 0; r0 < lk; r0 += c) add_keys(r0, std::min(c, lk - r0));  // state over all keys
     for (int r0 = 0; r0 < lq; r0 += c) {
       const int n = std::min(c, lq - r0);
-      fm.features(q + static_cast<int64_t>(r0) * d, n, xt.data(), phi.data());
-      gemm<T>(true, false, n, dv1, m, T(1), phi.data(), n, st, dv1, T(0), num.data(), dv1);
+      read_state(r0, n);
       normalize_rows(num.data(), n, dv, out + static_cast<int64_t>(r0) * ld, den ? den + r0 : nullptr, ld);
     }
     return;
@@ -324,20 +432,24 @@ void forward_one(const T* q, const T* k, const T* v, const bool* pad, T* out, T*
     const int n = std::min(c, lq - r0);
     const T* qc = q + static_cast<int64_t>(r0) * d;
     const T* kc = k + static_cast<int64_t>(r0) * d;
-    build_value_aug(v + static_cast<int64_t>(r0) * ld, pad ? pad + r0 : nullptr, n, dv, vaug.data(), ld);
+    const bool* pc = pad ? pad + r0 : nullptr;
     T beta = T(0);
     if (state_nonzero) {  // inter-chunk: phi(Q_c) S_aug
-      fm.features(qc, n, xt.data(), phi.data());
-      gemm<T>(true, false, n, dv1, m, T(1), phi.data(), n, st, dv1, T(0), num.data(), dv1);
+      read_state(r0, n);
       beta = T(1);
     }
     gemm<T>(false, true, n, n, d, tscale, qc, d, kc, d, T(0), sblk.data(), n);  // intra-chunk
-    causal_poly(sblk.data(), n);
-    gemm<T>(false, false, n, dv1, n, T(1), sblk.data(), n, vaug.data(), dv1, beta, num.data(), dv1);
+    poly_rows(sblk.data(), n, n, n, true, pc, acc.data());
+    int ldv = ld;
+    const T* vc = key_values(v + static_cast<int64_t>(r0) * ld, pc, n, dv, &ldv, vscratch.data());
+    gemm<T>(false, false, n, dv, n, T(1), sblk.data(), n, vc, ldv, beta, num.data(), dv1);
+    for (int r = 0; r < n; ++r) {
+      T& zr = num[static_cast<size_t>(r) * dv1 + dv];
+      zr = (state_nonzero ? zr : T(0)) + acc[r];
+    }
     normalize_rows(num.data(), n, dv, out + static_cast<int64_t>(r0) * ld, den ? den + r0 : nullptr, ld);
     if (r0 + n < lq || want_state) {  // S_aug += phi(K_c)^T [V_c | 1]
-      fm.features(kc, n, xt.data(), phi.data());
-      gemm<T>(false, false, m, dv1, n, T(1), phi.data(), n, vaug.data(), dv1, T(1), st, dv1);
+      add_keys(r0, n);
       state_nonzero = true;
     }
   }
@@ -581,7 +693,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_bwd_cpu(const at::Tensor& 
                                                               bool causal, double scale) {
   check_qkv(q_in, k_in, v_in, mask_in, causal);
   const auto acc = acc_type(q_in.scalar_type());
-  const at::Tensor q = q_in.to(acc).contiguous(), k = k_in.to(acc).contiguous(), v = v_in.to(acc).contiguous();
+  const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
+  at::Tensor q = q_in.to(acc).contiguous(), k = k_in.to(acc).contiguous(), v = v_in.to(acc).contiguous();
+  if (mask.defined()) {  // padded keys hold anything (NaN, inf): zero them, so that 0 * x stays 0 below
+    const at::Tensor pad = mask.view({mask.size(0), 1, mask.size(1), 1});
+    k = k.masked_fill(pad, 0);
+    v = v.masked_fill(pad, 0);
+  }
   const Shape s = shape_of(q, k, v);
   TORCH_CHECK(grad_out.sizes() == out_in.sizes() && out_in.dim() == 4 && out_in.size(0) == s.batch &&
                   out_in.size(1) == s.heads && out_in.size(2) == s.lq && out_in.size(3) == s.dv,
@@ -590,7 +708,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_bwd_cpu(const at::Tensor& 
               "den must have shape [B, H, Lq], got ", den_in.sizes());
   const at::Tensor g = grad_out.to(acc).contiguous(), out = out_in.to(acc).contiguous(),
                    den = den_in.to(acc).contiguous();
-  const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   if (q.numel() > 0 && k.numel() > 0 && out.numel() > 0) {
     const Plan plan = make_plan(s, causal);
