@@ -11,7 +11,7 @@
 #             imports with CUDA kernels, e.g. a build carried along; in --dry-run only printed)
 #   peers     pure-Python peer wheels carried in .whl/ (fla-core, einops) installed into /tmp/site, added to PYTHONPATH
 #   argcheck  the CUDA ops' argument checks alone in a fresh process (gdb backtrace on a crash)
-#   gpu-tests pytest -m gpu tests/test_triton.py tests/test_cuda.py, junit XML to $OUT/gpu_tests.xml
+#   gpu-tests pytest -m gpu tests/test_{triton,cuda,api}.py, junit XML to $OUT/gpu_tests.xml
 #   triton    bench/triton_gpu_bench.py <dir>, when that script exists; up to 3 of its files copied to $OUT/triton/
 #   scaling   python -m bench.scaling --device cuda (bf16, B=16, H=16, D=16, Dv=64, L 1K…64K) with a time budget
 #   summary   a table of the stages, printed last and written to $OUT/summary.md
@@ -158,7 +158,7 @@ fi
 # ---- gpu tests (the kernel test files: the other files have no GPU tests, and a missing optional dependency of
 # theirs must not stop this stage)
 if [ -d tests ]; then
-  run_stage gpu-tests "$(stage_timeout 150 200)" "$PY" -m pytest -m gpu tests/test_triton.py tests/test_cuda.py \
+  run_stage gpu-tests "$(stage_timeout 150 200)" "$PY" -m pytest -m gpu tests/test_triton.py tests/test_cuda.py tests/test_api.py \
       -q -rfE --maxfail=40 -p no:cacheprovider --continue-on-collection-errors --junitxml="$OUT/gpu_tests.xml"
   rc=$LAST_RC
   NOTE=$("$PY" - "$OUT/gpu_tests.xml" <<'PY' 2>/dev/null

@@ -71,11 +71,21 @@ def _key_keep(key_padding_mask: Optional[torch.Tensor], dtype) -> Optional[torch
     return (~key_padding_mask).to(dtype)
 
 
+def _zero_padded_keys(k, v, key_padding_mask):
+    """k and v with the padded keys' rows set to 0 (selected, not multiplied: a padded key may hold NaN or inf,
+    and still adds nothing). Their gradients are 0 there, as for any key that does not take part."""
+    if key_padding_mask is None:
+        return k, v
+    pad = key_padding_mask[:, None, :, None]
+    return torch.where(pad, 0.0, k), torch.where(pad, 0.0, v)
+
+
 def taylor_attention_quadratic(q, k, v, *, causal=False, scale=None, key_padding_mask=None):
     """Taylor attention in the quadratic form: out_i = sum_j w_ij v_j / sum_j w_ij."""
     out_dtype = q.dtype
     acc = accumulate_dtype(q.dtype)
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    k, v = _zero_padded_keys(k, v, key_padding_mask)
     d = q.shape[-1]
     scale = (1.0 / d**0.5) if scale is None else scale
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
@@ -97,6 +107,7 @@ def taylor_attention_linear(q, k, v, *, causal=False, scale=None, key_padding_ma
     out_dtype = q.dtype
     acc = accumulate_dtype(q.dtype)
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    k, v = _zero_padded_keys(k, v, key_padding_mask)
     fq = taylor_feature_map(q, scale, symmetric)
     fk = taylor_feature_map(k, scale, symmetric)
     keep = _key_keep(key_padding_mask, acc)
@@ -126,6 +137,7 @@ def taylor_attention_chunked(q, k, v, *, scale=None, key_padding_mask=None, chun
     out_dtype = q.dtype
     acc = accumulate_dtype(q.dtype)
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    k, v = _zero_padded_keys(k, v, key_padding_mask)
     b, h, length, d = q.shape
     scale = (1.0 / d**0.5) if scale is None else scale
     keep = _key_keep(key_padding_mask, acc)
@@ -180,8 +192,9 @@ def taylor_attention_recurrent(q, k, v, *, scale=None, key_padding_mask=None, in
     if initial_state is None:
         initial_state = empty_state(b, h, d, v.shape[-1], dtype=acc, device=q.device)
     kv, ksum = initial_state.kv.to(acc), initial_state.k_sum.to(acc)
+    k, v = _zero_padded_keys(k.to(acc), v.to(acc), key_padding_mask)
     fq_all = taylor_feature_map(q.to(acc), scale)
-    fk_all = taylor_feature_map(k.to(acc), scale)
+    fk_all = taylor_feature_map(k, scale)
     keep = _key_keep(key_padding_mask, acc)
     if keep is not None:
         fk_all = fk_all * keep[:, None, :, None]

@@ -184,3 +184,48 @@ def test_auto_rule_on_cuda_tensors(monkeypatch):
     assert choose_backend(fake64, causal=True, training=True) == "cuda"
     monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None if name == "reference" else "no")
     assert choose_backend(fake, causal=True) == "reference"
+
+
+def _padded_keys_case(backend, device, causal):
+    """Outputs, gradients and prefill states with padded keys holding finite values, then NaN (k) and inf (v):
+    a padded key must add nothing whatever it holds (the gradients of the other positions included)."""
+    b, h, L, d, dv = 2, 2, 37, 8, 12
+    q, k, v, m = make_inputs(b, h, L, L, d, dv, seed=21, mask="random", device=device)
+    m[0, 4:20] = True  # a run of padding across block / chunk boundaries
+    m[0, 0] = False
+    pad = m[:, None, :, None]
+    runs = []
+    for kk, vv in ((k, v), (k.masked_fill(pad, float("nan")), v.masked_fill(pad, float("inf")))):
+        qq, kk, vv = (x.detach().clone().requires_grad_() for x in (q, kk, vv))
+        out = la.taylor_attention(qq, kk, vv, causal=causal, key_padding_mask=m, backend=backend)
+        grads = torch.autograd.grad(out, (qq, kk, vv), torch.ones_like(out))
+        extra = ()
+        if causal:
+            with torch.no_grad():
+                p_out, st = la.taylor_attention_prefill(qq, kk, vv, key_padding_mask=m, backend=backend)
+            extra = (p_out, st.kv, st.k_sum)
+        runs.append((out, *grads, *extra))
+    keep = ~pad
+    names = ["out", "dq", "dk", "dv", "prefill out", "kv", "k_sum"]
+    for name, good, bad in zip(names, *runs):
+        if name in ("dk", "dv"):  # the padded keys' own gradients: 0 (or, in the finite run, whatever)
+            good, bad = torch.where(keep, good, 0.0), torch.where(keep, bad, 0.0)
+        assert torch.isfinite(bad).all(), f"{backend}: {name} has non-finite values"
+        torch.testing.assert_close(bad, good, rtol=1e-6, atol=1e-6, msg=lambda s: f"{backend} {name}: {s}")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_padded_keys_may_hold_nan_and_inf(backend, causal):
+    if backend not in la.available_backends("cpu"):  # triton: under TRITON_INTERPRET=1 (tests/conftest.py)
+        pytest.skip(f"backend {backend!r} is not available on CPU")
+    _padded_keys_case(backend, "cpu", causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+def test_padded_keys_may_hold_nan_and_inf_gpu(backend, causal):
+    if backend not in la.available_backends("cuda"):
+        pytest.skip(f"backend {backend!r} is not available on CUDA")
+    _padded_keys_case(backend, "cuda", causal)

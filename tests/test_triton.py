@@ -406,3 +406,24 @@ def test_gpu_torch_compile_api_fullgraph():
         return linattn_cuda.taylor_attention(q, k, v, causal=True, backend="triton").float().square().sum()
 
     _compile_and_compare(f, Case(2, 2, 300, 300, 16, 64, causal=True, dtype=BF16))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "split"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_chunk_padded_keys_may_hold_nan_and_inf(causal, fused):
+    """The chunked kernels load a padded key as 0: NaN / inf there change nothing (outputs, the gradients of the
+    other positions, the exported state)."""
+    case = Case(2, 2, 45, 45, 16, 24, causal=causal, mask="random", form="chunk", fused=fused, chunk=16)
+    q, k, v, kpm, grad_out = make_inputs(case, DEVICE)
+    kpm[0, 3:25] = True
+    pad = kpm[:, None, :, None]
+    runs = []
+    for kk, vv in ((k, v), (k.masked_fill(pad, float("nan")), v.masked_fill(pad, float("inf")))):
+        got = list(run_fwd_bwd(case, q, kk, vv, kpm, grad_out))
+        got[2], got[3] = torch.where(pad, 0.0, got[2]), torch.where(pad, 0.0, got[3])
+        if causal:
+            got += list(chunk.chunk_fwd(q, kk, vv, kpm, True, case.scale, write_state=True, chunk=16, fused=fused)[2:])
+        runs.append(got)
+    for name, good, bad in zip(("out", "dq", "dk", "dv", "kv", "k_sum"), *runs):
+        assert torch.isfinite(bad).all(), f"{name} has non-finite values"
+        torch.testing.assert_close(bad, good, rtol=1e-6, atol=1e-6, msg=lambda s: f"{name}: {s}")

@@ -85,7 +85,8 @@ def _sym_index(a, b, D):
 
 @triton.jit
 def _tile(X, rows, row_ok, cols, D):
-    """[len(rows), len(cols)] tile X[rows, cols] (row stride D) in float32; 0 outside the bounds."""
+    """[len(rows), len(cols)] tile X[rows, cols] (row stride D) in float32; 0 outside the bounds and in the rows
+    that are not ``row_ok`` (key tiles pass their padding mask: a padded key loads as 0, whatever it holds)."""
     ok = row_ok[:, None] & (cols[None, :] < D)
     return tl.load(X + rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
 
@@ -189,8 +190,8 @@ def _fwd_role(
                 pad = tl.load(MASK + b * LK + offs_j, mask=j_ok, other=1)
                 key_ok = key_ok & (pad == 0)
             kf = key_ok.to(tl.float32)
-            k = _tile(Kb, offs_j, j_ok, offs_d, D) * kf[:, None]
-            v = _tile(Vb, offs_j, j_ok, offs_v, DV)
+            k = _tile(Kb, offs_j, key_ok, offs_d, D)
+            v = _tile(Vb, offs_j, key_ok, offs_v, DV)
             if BASE:
                 t0 += tl.sum(v * kf[:, None], 0)
                 z0 += tl.sum(kf, 0)
@@ -200,7 +201,7 @@ def _fwd_role(
                 if A == BD:
                     kr = k
                 else:
-                    kr = _tile(Kb, offs_j, j_ok, offs_r, D) * kf[:, None]
+                    kr = _tile(Kb, offs_j, key_ok, offs_r, D)
                 pkt = _phi2_t(kr, k)
                 t2 += mm_exact_a(pkt, v, MODE)  # the exported state stays float32-accurate
                 z2 += tl.sum(pkt, 1)
@@ -217,8 +218,8 @@ def _fwd_role(
                 pad = tl.load(MASK + b * LK + offs_i, mask=i_ok, other=1)
                 key_ok = key_ok & (pad == 0)
             kf = key_ok.to(tl.float32)
-            k = _tile(Kb, offs_i, i_ok, offs_d, D) * kf[:, None]
-            v = _tile(Vb, offs_i, i_ok, offs_v, DV)
+            k = _tile(Kb, offs_i, key_ok, offs_d, D)
+            v = _tile(Vb, offs_i, key_ok, offs_v, DV)
         if BASE:
             num += t0[None, :] + scale * mm(q, t1, MODE)
             den += z0 + scale * tl.sum(q * z1[None, :], 1)
@@ -244,7 +245,7 @@ def _fwd_role(
                 if A == BD:
                     kr = k
                 else:
-                    kr = _tile(Kb, offs_i, i_ok, offs_r, D) * kf[:, None]
+                    kr = _tile(Kb, offs_i, key_ok, offs_r, D)
                 pkt = _phi2_t(kr, k)
                 t2 += mm_exact_a(pkt, v, MODE)  # the exported state stays float32-accurate
                 z2 += tl.sum(pkt, 1)
@@ -346,8 +347,8 @@ def _bwd_dq_role(
                 pad = tl.load(MASK + b * LK + offs_j, mask=j_ok, other=1)
                 key_ok = key_ok & (pad == 0)
             kf = key_ok.to(tl.float32)
-            k = _tile(Kb, offs_j, j_ok, offs_d, D) * kf[:, None]
-            v = _tile(Vb, offs_j, j_ok, offs_v, DV)
+            k = _tile(Kb, offs_j, key_ok, offs_d, D)
+            v = _tile(Vb, offs_j, key_ok, offs_v, DV)
             if BASE:
                 t1 += mm(tl.trans(k), v, MODE)
                 z1 += tl.sum(k, 0)
@@ -355,7 +356,7 @@ def _bwd_dq_role(
                 if A == BD:
                     kr = k
                 else:
-                    kr = _tile(Kb, offs_j, j_ok, offs_r, D) * kf[:, None]
+                    kr = _tile(Kb, offs_j, key_ok, offs_r, D)
                 pkt = _phi2_t(kr, k)
                 t2 += mm(pkt, v, MODE)
                 z2 += tl.sum(pkt, 1)
@@ -374,8 +375,8 @@ def _bwd_dq_role(
                 pad = tl.load(MASK + b * LK + offs_i, mask=i_ok, other=1)
                 key_ok = key_ok & (pad == 0)
             kf = key_ok.to(tl.float32)
-            k = _tile(Kb, offs_i, i_ok, offs_d, D) * kf[:, None]
-            v = _tile(Vb, offs_i, i_ok, offs_v, DV)
+            k = _tile(Kb, offs_i, key_ok, offs_d, D)
+            v = _tile(Vb, offs_i, key_ok, offs_v, DV)
         if BASE:
             dq += scale * (mm(g, tl.trans(t1), MODE) - dlt[:, None] * z1[None, :])
             if CAUSAL:
@@ -397,7 +398,7 @@ def _bwd_dq_role(
                 if A == BD:
                     kr = k
                 else:
-                    kr = _tile(Kb, offs_i, i_ok, offs_r, D) * kf[:, None]
+                    kr = _tile(Kb, offs_i, key_ok, offs_r, D)
                 pkt = _phi2_t(kr, k)
                 t2 += mm(pkt, v, MODE)
                 z2 += tl.sum(pkt, 1)
@@ -470,8 +471,8 @@ def _bwd_dkdv_role(
             pad = tl.load(MASK + b * LK + offs_j, mask=j_ok, other=1)
             key_ok = key_ok & (pad == 0)
         kf = key_ok.to(tl.float32)
-        k = _tile(Kb, offs_j, j_ok, offs_d, D)
-        v = _tile(Vb, offs_j, j_ok, offs_v, DV)
+        k = _tile(Kb, offs_j, key_ok, offs_d, D)
+        v = _tile(Vb, offs_j, key_ok, offs_v, DV)
         dk = tl.zeros([C, BD], dtype=tl.float32)
         dv = tl.zeros([C, BDV], dtype=tl.float32)
         if CAUSAL:  # this chunk's queries (same positions as the keys)
@@ -497,7 +498,7 @@ def _bwd_dkdv_role(
             if A == BD:
                 kr = k
             else:
-                kr = _tile(Kb, offs_j, j_ok, offs_r, D)
+                kr = _tile(Kb, offs_j, key_ok, offs_r, D)
             pk = _phi2(kr, k)
             dv += half_s2 * mm(pk, r2, MODE)
             w = mm(v, tl.trans(r2), MODE) - rd2[None, :]  # [C, BF]

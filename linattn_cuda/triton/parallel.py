@@ -55,18 +55,20 @@ def _parallel_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < LK
-        k = tl.load(K + bh * LK * D + offs_n[:, None] * D + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + bh * LK * DV + offs_n[:, None] * DV + offs_v[None, :], mask=n_ok[:, None] & v_ok[None, :], other=0.0)
+        key_ok = n_ok
+        if HAS_MASK:
+            pad = tl.load(MASK + b * LK + offs_n, mask=n_ok, other=1)
+            key_ok = key_ok & (pad == 0)
+        # padded keys load as 0: whatever they hold (NaN, inf) cannot reach the products below
+        k = tl.load(K + bh * LK * D + offs_n[:, None] * D + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + bh * LK * DV + offs_n[:, None] * DV + offs_v[None, :], mask=key_ok[:, None] & v_ok[None, :], other=0.0)
         k = k.to(tl.float32)
         v = v.to(tl.float32)
         s = mm(q, tl.trans(k), MODE) * scale
         p = 1.0 + s * (1.0 + 0.5 * s)
-        valid = n_ok[None, :] & m_ok[:, None]
+        valid = key_ok[None, :] & m_ok[:, None]
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        if HAS_MASK:
-            pad = tl.load(MASK + b * LK + offs_n, mask=n_ok, other=1)
-            valid = valid & (pad == 0)[None, :]
         p = tl.where(valid, p, 0.0)
         acc += mm(p, v, MODE)
         z += tl.sum(p, 1)
@@ -102,14 +104,15 @@ def _parallel_bwd_dkdv_kernel(
     n_ok = offs_n < LK
     d_ok = offs_d < D
     v_ok = offs_v < DV
-    k = tl.load(K + bh * LK * D + offs_n[:, None] * D + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + bh * LK * DV + offs_n[:, None] * DV + offs_v[None, :], mask=n_ok[:, None] & v_ok[None, :], other=0.0)
-    k = k.to(tl.float32)
-    v = v.to(tl.float32)
     key_ok = n_ok
     if HAS_MASK:
         pad = tl.load(MASK + b * LK + offs_n, mask=n_ok, other=1)
         key_ok = key_ok & (pad == 0)
+    # padded keys load as 0: whatever they hold (NaN, inf) cannot reach the products below
+    k = tl.load(K + bh * LK * D + offs_n[:, None] * D + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(V + bh * LK * DV + offs_n[:, None] * DV + offs_v[None, :], mask=key_ok[:, None] & v_ok[None, :], other=0.0)
+    k = k.to(tl.float32)
+    v = v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     lo = 0
@@ -179,17 +182,19 @@ def _parallel_bwd_dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < LK
-        k = tl.load(K + bh * LK * D + offs_n[:, None] * D + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + bh * LK * DV + offs_n[:, None] * DV + offs_v[None, :], mask=n_ok[:, None] & v_ok[None, :], other=0.0)
+        key_ok = n_ok
+        if HAS_MASK:
+            pad = tl.load(MASK + b * LK + offs_n, mask=n_ok, other=1)
+            key_ok = key_ok & (pad == 0)
+        # padded keys load as 0: whatever they hold (NaN, inf) cannot reach the products below
+        k = tl.load(K + bh * LK * D + offs_n[:, None] * D + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + bh * LK * DV + offs_n[:, None] * DV + offs_v[None, :], mask=key_ok[:, None] & v_ok[None, :], other=0.0)
         k = k.to(tl.float32)
         v = v.to(tl.float32)
         s = mm(q, tl.trans(k), MODE) * scale
-        valid = n_ok[None, :] & m_ok[:, None]
+        valid = key_ok[None, :] & m_ok[:, None]
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        if HAS_MASK:
-            pad = tl.load(MASK + b * LK + offs_n, mask=n_ok, other=1)
-            valid = valid & (pad == 0)[None, :]
         # dw = (dO . v) / Z - delta: the dot takes dO itself (exact in the input dtype), not dO / Z rounded to
         # it, because the subtraction cancels most of the magnitude (bf16 lost the result otherwise)
         dp = mm(do, tl.trans(v), MODE) * rz[:, None] - delta[:, None]
