@@ -55,13 +55,23 @@ class Ops:
 def _build_emulator():
     from torch.utils.cpp_extension import load
 
+    import hashlib
+
     cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     build_dir = os.environ.get("LINATTN_EMU_BUILD_DIR", os.path.join(ROOT, "build", "emu"))
     os.makedirs(build_dir, exist_ok=True)
+    # torch's JIT build only notices changes of the listed source: hash every kernel file into a flag, so that
+    # an edit of any header rebuilds the emulator
+    digest = hashlib.sha1()
+    for folder, _, files in sorted(os.walk(os.path.join(ROOT, "csrc", "cuda"))):
+        for name in sorted(files):
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(name.encode() + f.read())
     return load(
         name="linattn_cuda_emu",
         sources=[os.path.join(ROOT, "csrc", "cuda", "emu", "emu_module.cpp")],
-        extra_cflags=["-O2", "-fno-strict-aliasing", "-DLINATTN_EMULATE", f"-I{os.path.join(cuda_home, 'include')}"],
+        extra_cflags=["-O2", "-fno-strict-aliasing", "-DLINATTN_EMULATE", f"-I{os.path.join(cuda_home, 'include')}",
+                      f"-DLINATTN_EMU_SOURCES={digest.hexdigest()[:16]}"],
         build_directory=build_dir,
     )
 
@@ -612,6 +622,34 @@ def _argument_checks(ops):
     if not ops.emulated:
         with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
             ops.fwd(q.cpu(), q, v, None, False, 0.5)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("form", ["quadratic", "linear", "linear-seg3", "quadratic-simt", "linear-simt"])
+def test_padded_keys_may_hold_nan_and_inf(ops, monkeypatch, form, causal):
+    """Padded keys load as 0 in every kernel: NaN in their k and inf in their v change nothing (outputs,
+    normalizer, the gradients of the other positions, the prefill state)."""
+    if form.endswith("-seg3"):
+        monkeypatch.setenv("LINATTN_CUDA_SEGMENTS", "3")
+        form = form[: -len("-seg3")]
+    _set_form(monkeypatch, form)
+    case = C(2, 2, 150, 16, 24, causal=causal, mask="mask")
+    q, k, v, mask = make_inputs(case, torch.bfloat16, ops.device, seed=5)
+    mask[0, 10:90] = True  # a run of padding across blocks and chunks
+    pad = mask[:, None, :, None]
+    g = torch.randn(case.B, case.H, case.Lq, case.Dv, generator=torch.Generator().manual_seed(6)).to(q)
+    scale = case.D**-0.5
+    runs = []
+    for kk, vv in ((k, v), (k.masked_fill(pad, float("nan")), v.masked_fill(pad, float("inf")))):
+        out, den = ops.fwd(q, kk, vv, mask, causal, scale)
+        dq, dk, dv = ops.bwd(g, q, kk, vv, mask, out, den, causal, scale)
+        res = [out, den, dq, torch.where(pad, 0.0, dk), torch.where(pad, 0.0, dv)]
+        if causal:
+            res += list(ops.prefill(q, kk, vv, mask, None, None, scale))
+        runs.append(res)
+    for name, good, bad in zip(["out", "den", "dq", "dk", "dv", "prefill out", "kv", "k_sum"], *runs):
+        assert torch.isfinite(bad).all(), f"{name}: non-finite values"
+        torch.testing.assert_close(bad, good, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
 
 # ------------------------------------------------------------------------------------------------ GPU-only

@@ -55,6 +55,12 @@ namespace linattn {
 
 using index_t = int64_t;
 
+// A key takes part when it is in range and not padded (mask true = padding). The kernels load a padded key's k
+// and v as 0, so whatever it holds (NaN, inf) never reaches a product.
+LA_DEVICE bool key_in(const bool* mask, index_t b, index_t j, index_t Lk) {
+  return j < Lk && !(mask != nullptr && mask[b * Lk + j]);
+}
+
 // Element types of the tensors, as the host code sees them.
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
 

@@ -95,12 +95,12 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS(THREADS) quad_tc_kernel(AttnParams p, int nqb, i
     LA_SYNC();  // the previous tile is consumed (and Q is loaded)
     for (int idx = tid; idx < BK * DK; idx += THREADS) {
       const int r = idx / DK, d = idx % DK;
-      Ks[r * QST + d] = (j0 + r < Lk && d < D) ? Elem<T>::load(k[(bh * Lk + j0 + r) * D + d]) : 0.f;
+      Ks[r * QST + d] = (key_in(p.mask, b, j0 + r, Lk) && d < D) ? Elem<T>::load(k[(bh * Lk + j0 + r) * D + d]) : 0.f;
     }
     for (int idx = tid; idx < BK * DS; idx += THREADS) {
       const int r = idx / DS, c = idx % DS;
       Vs[vpaired<PST>(r, c)] =
-          (j0 + r < Lk && c < ncols) ? Elem<T>::load(v[(bh * Lk + j0 + r) * Dv + c0 + c]) : 0.f;
+          (key_in(p.mask, b, j0 + r, Lk) && c < ncols) ? Elem<T>::load(v[(bh * Lk + j0 + r) * Dv + c0 + c]) : 0.f;
     }
     if (tid < BK) {
       const int j = j0 + tid;

@@ -61,11 +61,11 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS(kThreads) quad_fwd_kernel(AttnParams p, int n_ro
     LA_SYNC();
     for (int idx = tid; idx < BN * D; idx += kThreads) {
       const int j = idx / D, d = idx - j * D;
-      Ks[j * DP + d] = (j0 + j < Lk) ? load_as<A>(k, (bh * Lk + j0 + j) * D + d) : A(0);
+      Ks[j * DP + d] = key_in(p.mask, b, j0 + j, Lk) ? load_as<A>(k, (bh * Lk + j0 + j) * D + d) : A(0);
     }
     for (int idx = tid; idx < BN * DVS; idx += kThreads) {
       const int j = idx / DVS, c = idx - j * DVS;
-      Vs[j * DVS + c] = (j0 + j < Lk && c < ncols) ? load_as<A>(v, (bh * Lk + j0 + j) * Dv + c0 + c) : A(0);
+      Vs[j * DVS + c] = (key_in(p.mask, b, j0 + j, Lk) && c < ncols) ? load_as<A>(v, (bh * Lk + j0 + j) * Dv + c0 + c) : A(0);
     }
     if (tid < BN) {
       const int j = j0 + tid;
@@ -190,11 +190,11 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS(kThreads) quad_bwd_dq_kernel(BwdParams p, int n_
     LA_SYNC();
     for (int idx = tid; idx < BN * D; idx += kThreads) {
       const int j = idx / D, d = idx - j * D;
-      Ks[j * DP + d] = (j0 + j < Lk) ? load_as<A>(k, (bh * Lk + j0 + j) * D + d) : A(0);
+      Ks[j * DP + d] = key_in(p.mask, b, j0 + j, Lk) ? load_as<A>(k, (bh * Lk + j0 + j) * D + d) : A(0);
     }
     for (int idx = tid; idx < BN * Dv; idx += kThreads) {
       const int j = idx / Dv, c = idx - j * Dv;
-      Vs[j * VP + c] = (j0 + j < Lk) ? load_as<A>(v, (bh * Lk + j0 + j) * Dv + c) : A(0);
+      Vs[j * VP + c] = key_in(p.mask, b, j0 + j, Lk) ? load_as<A>(v, (bh * Lk + j0 + j) * Dv + c) : A(0);
     }
     if (tid < BN) {
       const int j = j0 + tid;
@@ -261,11 +261,11 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS(kThreads) quad_bwd_dkdv_kernel(BwdParams p, int 
 
   for (int idx = tid; idx < BN * D; idx += kThreads) {
     const int j = idx / D, d = idx - j * D;
-    Ks[j * DP + d] = (j0 + j < Lk) ? load_as<A>(k, (bh * Lk + j0 + j) * D + d) : A(0);
+    Ks[j * DP + d] = key_in(p.mask, b, j0 + j, Lk) ? load_as<A>(k, (bh * Lk + j0 + j) * D + d) : A(0);
   }
   for (int idx = tid; idx < BN * Dv; idx += kThreads) {
     const int j = idx / Dv, c = idx - j * Dv;
-    Vs[j * VP + c] = (j0 + j < Lk) ? load_as<A>(v, (bh * Lk + j0 + j) * Dv + c) : A(0);
+    Vs[j * VP + c] = key_in(p.mask, b, j0 + j, Lk) ? load_as<A>(v, (bh * Lk + j0 + j) * Dv + c) : A(0);
   }
   if (tid < BN) {
     const int j = j0 + tid;

@@ -129,13 +129,13 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (min_blocks<DK, DS>())) chunk_kernel(A
 #pragma unroll
     for (int i = 0; i < NQ; ++i) {
       const int e = tid + i * THREADS, r = e / DK, d = e % DK;
-      Ks[r * QST + d] = (t0 + r < Lk && d < D) ? Elem<T>::load(k[(bh * Lk + t0 + r) * D + d]) : 0.f;
+      Ks[r * QST + d] = (key_in(p.mask, b, t0 + r, Lk) && d < D) ? Elem<T>::load(k[(bh * Lk + t0 + r) * D + d]) : 0.f;
     }
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       const int e = tid + i * THREADS, r = e / DS, c = e % DS;
       Vs[paired<PST>(r, c)] =
-          (t0 + r < Lk && c < ncols) ? Elem<T>::load(v[(bh * Lk + t0 + r) * Dv + c0 + c]) : 0.f;
+          (key_in(p.mask, b, t0 + r, Lk) && c < ncols) ? Elem<T>::load(v[(bh * Lk + t0 + r) * Dv + c0 + c]) : 0.f;
     }
     const int j = t0 + tid;
     if (tid < C) keep[tid] = (j < Lk && !(p.mask != nullptr && p.mask[static_cast<index_t>(b) * Lk + j])) ? 1.f : 0.f;
@@ -446,6 +446,15 @@ struct BwdCommon {
     }
   }
 
+  LA_DEVICE void load_keys(float* dst, int t0) const {  // k rows of the chunk; padded keys load as 0
+    const T* k = static_cast<const T*>(p.k);
+#pragma unroll
+    for (int i = 0; i < NQ; ++i) {
+      const int e = tid + i * THREADS, r = e / DK, d = e % DK;
+      dst[r * QST + d] = (key_in(p.mask, b, t0 + r, p.Lk) && d < p.D) ? Elem<T>::load(k[(bh * p.Lk + t0 + r) * p.D + d]) : 0.f;
+    }
+  }
+
   LA_DEVICE void load_keep(float* keep, int t0) const {
     const int j = t0 + tid;
     if (tid < C) {
@@ -460,7 +469,7 @@ struct BwdCommon {
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       const int e = tid + i * THREADS, r = e / DS, c = e % DS;
-      Vh[idx(r, c)] = (t0 + r < p.Lk && c < ncols) ? Elem<T>::load(v[(bh * p.Lk + t0 + r) * p.Dv + c0 + c]) : 0.f;
+      Vh[idx(r, c)] = (key_in(p.mask, b, t0 + r, p.Lk) && c < ncols) ? Elem<T>::load(v[(bh * p.Lk + t0 + r) * p.Dv + c0 + c]) : 0.f;
     }
   }
 
@@ -640,7 +649,7 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
     const int tend = cm.seg_end(Lq);
     for (int t0 = cm.seg_begin(); t0 < tend; t0 += C) {
       cm.load_rows(Qs, static_cast<const T*>(p.q), t0, Lq);
-      cm.load_rows(Ks, static_cast<const T*>(p.k), t0, Lk);
+      cm.load_keys(Ks, t0);
       cm.load_v(Vh, t0, cp);
       cm.load_g(Gh, t0, cp);
       cm.load_keep(keep, t0);
@@ -700,7 +709,7 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
   } else {
     if (cm.nseg == 1) {  // segmented: the state over all keys comes in s0
       for (int t0 = 0; t0 < Lk; t0 += C) {
-        cm.load_rows(Ks, static_cast<const T*>(p.k), t0, Lk);
+        cm.load_keys(Ks, t0);
         cm.load_v(Vh, t0, cp);
         cm.load_keep(keep, t0);
         LA_SYNC();
@@ -975,7 +984,7 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
     for (int c = last; c >= tbeg / C; --c) {
       const int t0 = c * C;
       cm.load_rows(Qs, static_cast<const T*>(p.q), t0, Lq);
-      cm.load_rows(Ks, static_cast<const T*>(p.k), t0, Lk);
+      cm.load_keys(Ks, t0);
       cm.load_v(Vh, t0, cp);
       cm.load_g(Gh, t0, rp);
       cm.load_keep(keep, t0);
@@ -997,7 +1006,7 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS2(THREADS, (bwd_min_blocks<DK, DS>()))
     }
     const int tend = cm.seg_end(Lk);
     for (int t0 = cm.seg_begin(); t0 < tend; t0 += C) {
-      cm.load_rows(Ks, static_cast<const T*>(p.k), t0, Lk);
+      cm.load_keys(Ks, t0);
       cm.load_v(Vh, t0, cp);
       cm.load_keep(keep, t0);
       LA_SYNC();
