@@ -596,6 +596,30 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
   }
 }
 
+// One decoding step of one (b, h) in a single pass over the state: read the old row, write the new one
+// (kv' = kv + phi(k) v^T, z' = z + phi(k)), accumulate out = phi(q)^T kv' / phi(q)^T z'.
+template <typename T>
+LA_SIMD_CLONES void step_one(const T* __restrict__ s_old, T* __restrict__ s_new, const T* __restrict__ z_old,
+                             T* __restrict__ z_new, const T* __restrict__ fq, const T* __restrict__ fk,
+                             const T* __restrict__ vr, int m, int dv, T* __restrict__ o) {
+  std::fill(o, o + dv, T(0));
+  T z = 0;
+  for (int f = 0; f < m; ++f) {
+    const T* __restrict__ src = s_old + static_cast<int64_t>(f) * dv;
+    T* __restrict__ dst = s_new + static_cast<int64_t>(f) * dv;
+    const T a = fk[f], w = fq[f];
+    for (int c = 0; c < dv; ++c) {
+      const T val = src[c] + a * vr[c];
+      dst[c] = val;
+      o[c] += w * val;
+    }
+    z_new[f] = z_old[f] + a;
+    z += w * z_new[f];
+  }
+  const T inv = z != T(0) ? T(1) / z : T(0);
+  for (int c = 0; c < dv; ++c) o[c] *= inv;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Argument checks (the Python API checks first; these protect direct torch.ops callers).
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -816,22 +840,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_step_cpu(const at::Tensor&
         const scalar_t* z_old = k_sum.data_ptr<scalar_t>() + bh * m;
         scalar_t* z_new = k_sum_out.data_ptr<scalar_t>() + bh * m;
         scalar_t* o = out.data_ptr<scalar_t>() + bh * dv;
-        std::fill(o, o + dv, scalar_t(0));
-        scalar_t z = 0;
-        for (int64_t f = 0; f < m; ++f) {  // one pass: read the old row, write the new one, accumulate out
-          const scalar_t* src = s_old + f * dv;
-          scalar_t* dst = s_new + f * dv;
-          const scalar_t a = fk[f], w = fq[f];
-          for (int64_t c = 0; c < dv; ++c) {
-            const scalar_t val = src[c] + a * vr[c];
-            dst[c] = val;
-            o[c] += w * val;
-          }
-          z_new[f] = z_old[f] + a;
-          z += w * z_new[f];
-        }
-        const scalar_t inv = z != scalar_t(0) ? scalar_t(1) / z : scalar_t(0);
-        for (int64_t c = 0; c < dv; ++c) o[c] *= inv;
+        step_one(s_old, s_new, z_old, z_new, fq.data(), fk.data(), vr, static_cast<int>(m), static_cast<int>(dv), o);
       }
     });
   });
