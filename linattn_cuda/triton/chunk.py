@@ -63,6 +63,7 @@ FWD_CHUNK = 32  # C of the forward
 FWD_BLOCK_DV = 64  # value columns per forward program (programs = value blocks x B*H x roles)
 FWD_BLOCK_DV_FP32 = 32  # float32 (tf32x3 dots: three times the operand tiles)
 BWD_CHUNK = 32  # C of the backward
+BWD_CHUNK_FP32 = 16  # float32 (tf32x3 dots): not measured at 32 (more spills), the earlier default kept
 BWD_MAX_BLOCK_DV = 64  # the fused backward holds all of Dv (dq sums over it): fused needs Dv <= 64
 BWD_MAX_BLOCK_DV_FP32 = 32  # float32 (tf32x3 dots): 64 needs up to 274 KB of shared memory (> 227 KB on H100)
 # Below this many programs the kernels spread over more of them, to fill a GPU when B*H is small (B = 1
@@ -593,7 +594,7 @@ def chunk_config(d: int, dv: int, *, backward: bool, programs: int = 1 << 30, ch
         if fused is not None:
             want_fused = fused and can_fuse
         bdv = bdv_full if want_fused else min(max_bdv, bdv_full)
-        c = chunk or BWD_CHUNK
+        c = chunk or (BWD_CHUNK_FP32 if fp32 else BWD_CHUNK)
     else:
         bdv = min(FWD_BLOCK_DV_FP32 if fp32 else FWD_BLOCK_DV, bdv_full)
         while bdv > 16 and programs * triton.cdiv(dv, bdv) < FWD_MIN_PROGRAMS:

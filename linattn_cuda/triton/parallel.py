@@ -25,6 +25,22 @@ __all__ = ["parallel_fwd", "parallel_bwd"]
 
 
 @triton.jit
+def _load_keys(K, V, MASK, bh, b, offs_n, offs_d, offs_v, LK, D, DV, HAS_MASK: tl.constexpr):
+    """(k, v, key_ok) of the key block offs_n: key_ok = in range and not padded; k, v in float32, with padded
+    keys loaded as 0 (whatever they hold, NaN or inf, cannot reach a product)."""
+    n_ok = offs_n < LK
+    key_ok = n_ok
+    if HAS_MASK:
+        pad = tl.load(MASK + b * LK + offs_n, mask=n_ok, other=1)
+        key_ok = key_ok & (pad == 0)
+    k = tl.load(K + bh * LK * D + offs_n[:, None] * D + offs_d[None, :], mask=key_ok[:, None] & (offs_d < D)[None, :],
+                other=0.0)
+    v = tl.load(V + bh * LK * DV + offs_n[:, None] * DV + offs_v[None, :],
+                mask=key_ok[:, None] & (offs_v < DV)[None, :], other=0.0)
+    return k.to(tl.float32), v.to(tl.float32), key_ok
+
+
+@triton.jit
 def _parallel_fwd_kernel(
     Q, K, V, MASK, O, Z,
     scale, LQ, LK, H,
@@ -54,16 +70,7 @@ def _parallel_fwd_kernel(
         hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < LK
-        key_ok = n_ok
-        if HAS_MASK:
-            pad = tl.load(MASK + b * LK + offs_n, mask=n_ok, other=1)
-            key_ok = key_ok & (pad == 0)
-        # padded keys load as 0: whatever they hold (NaN, inf) cannot reach the products below
-        k = tl.load(K + bh * LK * D + offs_n[:, None] * D + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + bh * LK * DV + offs_n[:, None] * DV + offs_v[None, :], mask=key_ok[:, None] & v_ok[None, :], other=0.0)
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+        k, v, key_ok = _load_keys(K, V, MASK, bh, b, offs_n, offs_d, offs_v, LK, D, DV, HAS_MASK)
         s = mm(q, tl.trans(k), MODE) * scale
         p = 1.0 + s * (1.0 + 0.5 * s)
         valid = key_ok[None, :] & m_ok[:, None]
@@ -104,15 +111,7 @@ def _parallel_bwd_dkdv_kernel(
     n_ok = offs_n < LK
     d_ok = offs_d < D
     v_ok = offs_v < DV
-    key_ok = n_ok
-    if HAS_MASK:
-        pad = tl.load(MASK + b * LK + offs_n, mask=n_ok, other=1)
-        key_ok = key_ok & (pad == 0)
-    # padded keys load as 0: whatever they hold (NaN, inf) cannot reach the products below
-    k = tl.load(K + bh * LK * D + offs_n[:, None] * D + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + bh * LK * DV + offs_n[:, None] * DV + offs_v[None, :], mask=key_ok[:, None] & v_ok[None, :], other=0.0)
-    k = k.to(tl.float32)
-    v = v.to(tl.float32)
+    k, v, key_ok = _load_keys(K, V, MASK, bh, b, offs_n, offs_d, offs_v, LK, D, DV, HAS_MASK)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     lo = 0
@@ -181,16 +180,7 @@ def _parallel_bwd_dq_kernel(
         hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < LK
-        key_ok = n_ok
-        if HAS_MASK:
-            pad = tl.load(MASK + b * LK + offs_n, mask=n_ok, other=1)
-            key_ok = key_ok & (pad == 0)
-        # padded keys load as 0: whatever they hold (NaN, inf) cannot reach the products below
-        k = tl.load(K + bh * LK * D + offs_n[:, None] * D + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + bh * LK * DV + offs_n[:, None] * DV + offs_v[None, :], mask=key_ok[:, None] & v_ok[None, :], other=0.0)
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+        k, v, key_ok = _load_keys(K, V, MASK, bh, b, offs_n, offs_d, offs_v, LK, D, DV, HAS_MASK)
         s = mm(q, tl.trans(k), MODE) * scale
         valid = key_ok[None, :] & m_ok[:, None]
         if CAUSAL:
