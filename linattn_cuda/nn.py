@@ -49,10 +49,14 @@ def context_state(k: torch.Tensor, v: torch.Tensor, *, scale: float, key_padding
     ``k [B, H, L, D]``, ``v [B, H, L, Dv]``; padded keys (``key_padding_mask [B, L]`` True) are left out.
     """
     acc = accumulate_dtype(k.dtype)
-    fk = taylor_feature_map(k.to(acc), scale)
+    k, v = k.to(acc), v.to(acc)
+    if key_padding_mask is not None:  # selected, not multiplied: a padded key may hold NaN or inf
+        pad = key_padding_mask[:, None, :, None]
+        k, v = torch.where(pad, 0.0, k), torch.where(pad, 0.0, v)
+    fk = taylor_feature_map(k, scale)
     if key_padding_mask is not None:
-        fk = fk * (~key_padding_mask).to(acc)[:, None, :, None]
-    return TaylorState(torch.matmul(fk.transpose(-1, -2), v.to(acc)), fk.sum(-2))
+        fk = fk * (~key_padding_mask).to(acc)[:, None, :, None]  # phi(0) = [1, 0, ...]: drop the constant too
+    return TaylorState(torch.matmul(fk.transpose(-1, -2), v), fk.sum(-2))
 
 
 def _read_state(q: torch.Tensor, state: TaylorState, scale: float) -> torch.Tensor:

@@ -108,6 +108,21 @@ def test_cross_attention_cache_matches_full():
         torch.testing.assert_close(out, full[:, t : t + 1], atol=1e-12, rtol=1e-12)
 
 
+def test_padded_context_positions_may_hold_nan():
+    """Padded context positions (e.g. NaN from an upstream pad) change neither the full forward nor the cache."""
+    torch.manual_seed(5)
+    attn = TaylorAttention(16, 2, feature_dim=4).double()
+    x, ctx = torch.randn(2, 3, 16, dtype=torch.float64), torch.randn(2, 30, 16, dtype=torch.float64)
+    mask = torch.zeros(2, 30, dtype=torch.bool)
+    mask[1, 20:] = True
+    bad = ctx.masked_fill(mask[:, :, None], float("nan"))
+    want = attn(x, ctx, key_padding_mask=mask)
+    torch.testing.assert_close(attn(x, bad, key_padding_mask=mask), want, atol=1e-12, rtol=1e-12)
+    cache = attn.init_cache(context=bad, key_padding_mask=mask)
+    out, _ = attn.step(x[:, :1], cache)
+    torch.testing.assert_close(out, want[:, :1], atol=1e-12, rtol=1e-12)
+
+
 def test_state_size_is_independent_of_length():
     attn = TaylorAttention(32, 2, feature_dim=16)
     cache = attn.init_cache(batch_size=1)
