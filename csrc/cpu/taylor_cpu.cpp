@@ -122,8 +122,11 @@ struct FeatureMap {
   // x^T (d x n) of n rows of x ([n x d], row stride d).
   LA_SIMD_CLONES
   void transpose_in(const T* __restrict__ x, int n, T* __restrict__ xt) const {
-    for (int r = 0; r < n; ++r)
-      for (int a = 0; a < d; ++a) xt[static_cast<int64_t>(a) * n + r] = x[static_cast<int64_t>(r) * d + a];
+    // contiguous writes, strided reads (vector gathers with AVX2 / AVX-512)
+    for (int a = 0; a < d; ++a) {
+      T* __restrict__ row = xt + static_cast<int64_t>(a) * n;
+      for (int r = 0; r < n; ++r) row[r] = x[static_cast<int64_t>(r) * d + a];
+    }
   }
 
   // x^T into xt and phi^T into phit, from n rows of x.
