@@ -71,7 +71,8 @@ def test_cpu_lower_precision(dtype, causal, form):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_cpu_value_columns_split_across_threads(causal, form):
-    """With fewer heads than threads the forward splits the value columns between tasks."""
+    """With fewer heads than threads the forward and the backward split the value columns between tasks (the
+    backward sums the blocks' shares of dq and dk)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:

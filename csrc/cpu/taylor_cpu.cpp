@@ -239,7 +239,7 @@ inline T poly(T s) {
 
 // [v | 1] for n keys (dv columns of rows ldv apart), zero rows for padded keys.
 template <typename T>
-void build_value_aug(const T* v, const bool* pad, int n, int dv, T* out, int ldv = -1) {
+void build_value_aug(const T* v, const bool* pad, int n, int dv, T* out, int ldv = -1, T one = T(1)) {
   const int dv1 = dv + 1;
   if (ldv < 0) ldv = dv;
   for (int r = 0; r < n; ++r) {
@@ -248,7 +248,7 @@ void build_value_aug(const T* v, const bool* pad, int n, int dv, T* out, int ldv
       std::fill(o, o + dv1, T(0));
     } else {
       std::copy(v + static_cast<int64_t>(r) * ldv, v + static_cast<int64_t>(r) * ldv + dv, o);
-      o[dv] = T(1);
+      o[dv] = one;
     }
   }
 }
@@ -459,37 +459,47 @@ void forward_one(const T* q, const T* k, const T* v, const bool* pad, T* out, T*
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Backward for one (b, h): dq, dk, dv (zero-initialised by the caller).
+// Backward for one (b, h) and the value columns [c0, c0 + s.dv) of value matrices with rows ld apart (g, out,
+// v and dv_out point at the head's column 0; ld = s.dv unless the columns are split across tasks, see
+// taylor_bwd_cpu). dq and dk (zero-initialised by the caller) receive this block's share: dw_ij sums over the
+// value columns (and the normalizer column, which the block with `norm` carries), so the blocks' dq and dk add
+// up to the gradients; dv_out receives the block's own columns.
 template <typename T>
 void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pad, const T* out, const T* den,
-                  T* dq, T* dk, T* dv_out, const Shape& s, bool causal, double scale, const Plan& plan) {
+                  T* dq, T* dk, T* dv_out, const Shape& s, bool causal, double scale, const Plan& plan, int ld = -1,
+                  int c0 = 0, bool norm = true) {
   const int d = static_cast<int>(s.d), dv = static_cast<int>(s.dv), dv1 = dv + 1;
+  if (ld < 0) ld = dv;
   const FeatureMap<T> fm(d, scale);
   const int m = fm.m;
   const T tscale = static_cast<T>(scale);
   const int lq = static_cast<int>(s.lq), lk = static_cast<int>(s.lk);
+  const T one = norm ? T(1) : T(0);  // the normalizer column of [v | 1]: 0 in blocks without it
+  v += c0;
+  dv_out += c0;
 
-  // G = [dO / Z | -dO.out / Z] for every query (an L x (Dv+1) buffer, the size of the output).
+  // G = [dO / Z | -dO.out / Z] of this block's columns for every query (an L x (Dv+1) buffer); delta over
+  // all ld columns.
   std::vector<T> gaug(static_cast<size_t>(lq) * dv1);
   for (int i = 0; i < lq; ++i) {
     const T z = den[i];
     const T inv = z != T(0) ? T(1) / z : T(0);
-    const T* gi = g + static_cast<int64_t>(i) * dv;
-    const T* oi = out + static_cast<int64_t>(i) * dv;
+    const T* gi = g + static_cast<int64_t>(i) * ld;
+    const T* oi = out + static_cast<int64_t>(i) * ld;
     T* gr = gaug.data() + static_cast<int64_t>(i) * dv1;
     T delta = T(0);
-    for (int c = 0; c < dv; ++c) {
-      gr[c] = gi[c] * inv;
-      delta += gr[c] * oi[c];
+    if (norm) {
+      for (int c = 0; c < ld; ++c) delta += gi[c] * oi[c];
     }
-    gr[dv] = -delta;
+    for (int c = 0; c < dv; ++c) gr[c] = gi[c0 + c] * inv;
+    gr[dv] = -delta * inv;
   }
 
   if (!causal && plan.quadratic) {
     const int c = std::min(plan.chunk, lq);
     std::vector<T> vaug(static_cast<size_t>(lk) * dv1), sblk(static_cast<size_t>(c) * lk),
         dp(static_cast<size_t>(c) * lk);
-    build_value_aug(v, pad, lk, dv, vaug.data());
+    build_value_aug(v, pad, lk, dv, vaug.data(), ld, one);
     for (int r0 = 0; r0 < lq; r0 += c) {
       const int n = std::min(c, lq - r0);
       const T* qc = q + static_cast<int64_t>(r0) * d;
@@ -502,7 +512,7 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
       }
       gemm<T>(false, false, n, d, lk, tscale, dp.data(), lk, k, d, T(0), dq + static_cast<int64_t>(r0) * d, d);
       gemm<T>(true, false, lk, d, n, tscale, dp.data(), lk, qc, d, T(1), dk, d);
-      gemm<T>(true, false, lk, dv, n, T(1), sblk.data(), lk, gc, dv1, T(1), dv_out, dv);
+      gemm<T>(true, false, lk, dv, n, T(1), sblk.data(), lk, gc, dv1, T(1), dv_out, ld);
     }
   } else if (!causal) {
     const int c = std::min<int>(plan.chunk, std::max(lq, lk));
@@ -511,7 +521,7 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
     for (int r0 = 0; r0 < lk; r0 += c) {  // S_aug over keys
       const int n = std::min(c, lk - r0);
       fm.features(k + static_cast<int64_t>(r0) * d, n, xt.data(), phi.data());
-      build_value_aug(v + static_cast<int64_t>(r0) * dv, pad ? pad + r0 : nullptr, n, dv, vaug.data());
+      build_value_aug(v + static_cast<int64_t>(r0) * ld, pad ? pad + r0 : nullptr, n, dv, vaug.data(), ld, one);
       gemm<T>(false, false, m, dv1, n, T(1), phi.data(), n, vaug.data(), dv1, T(1), saug.data(), dv1);
     }
     for (int r0 = 0; r0 < lq; r0 += c) {  // dq, and R_aug over queries
@@ -527,8 +537,8 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
       const int n = std::min(c, lk - r0);
       const T* kc = k + static_cast<int64_t>(r0) * d;
       fm.features(kc, n, xt.data(), phi.data());
-      build_value_aug(v + static_cast<int64_t>(r0) * dv, pad ? pad + r0 : nullptr, n, dv, vaug.data());
-      gemm<T>(true, false, n, dv, m, T(1), phi.data(), n, raug.data(), dv1, T(0), dv_out + static_cast<int64_t>(r0) * dv, dv);
+      build_value_aug(v + static_cast<int64_t>(r0) * ld, pad ? pad + r0 : nullptr, n, dv, vaug.data(), ld, one);
+      gemm<T>(true, false, n, dv, m, T(1), phi.data(), n, raug.data(), dv1, T(0), dv_out + static_cast<int64_t>(r0) * ld, ld);
       gemm<T>(false, true, m, n, dv1, T(1), raug.data(), dv1, vaug.data(), dv1, T(0), u.data(), n);
       fm.backprop(xt.data(), u.data(), n, gt.data(), dk + static_cast<int64_t>(r0) * d);
     }
@@ -543,7 +553,7 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
       const T* kc = k + static_cast<int64_t>(r0) * d;
       const T* gc = gaug.data() + static_cast<int64_t>(r0) * dv1;
       T* dqc = dq + static_cast<int64_t>(r0) * d;
-      build_value_aug(v + static_cast<int64_t>(r0) * dv, pad ? pad + r0 : nullptr, n, dv, vaug.data());
+      build_value_aug(v + static_cast<int64_t>(r0) * ld, pad ? pad + r0 : nullptr, n, dv, vaug.data(), ld, one);
       if (r0 > 0) {
         gemm<T>(false, true, m, n, dv1, T(1), aug.data(), dv1, gc, dv1, T(0), u.data(), n);
         fm.transpose_in(qc, n, xt.data());
@@ -563,7 +573,7 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
       }
       gemm<T>(false, false, n, d, n, tscale, dp.data(), n, kc, d, T(1), dqc, d);
       gemm<T>(true, false, n, d, n, tscale, dp.data(), n, qc, d, T(1), dk + static_cast<int64_t>(r0) * d, d);
-      gemm<T>(true, false, n, dv, n, T(1), sblk.data(), n, gc, dv1, T(1), dv_out + static_cast<int64_t>(r0) * dv, dv);
+      gemm<T>(true, false, n, dv, n, T(1), sblk.data(), n, gc, dv1, T(1), dv_out + static_cast<int64_t>(r0) * ld, ld);
       if (r0 + n < lq) {
         fm.features(kc, n, xt.data(), phi.data());
         gemm<T>(false, false, m, dv1, n, T(1), phi.data(), n, vaug.data(), dv1, T(1), aug.data(), dv1);
@@ -578,8 +588,8 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
       const T* kc = k + static_cast<int64_t>(r0) * d;
       if (r0 < last) {
         fm.features(kc, n, xt.data(), phi.data());
-        build_value_aug(v + static_cast<int64_t>(r0) * dv, pad ? pad + r0 : nullptr, n, dv, vaug.data());
-        gemm<T>(true, false, n, dv, m, T(1), phi.data(), n, aug.data(), dv1, T(1), dv_out + static_cast<int64_t>(r0) * dv, dv);
+        build_value_aug(v + static_cast<int64_t>(r0) * ld, pad ? pad + r0 : nullptr, n, dv, vaug.data(), ld, one);
+        gemm<T>(true, false, n, dv, m, T(1), phi.data(), n, aug.data(), dv1, T(1), dv_out + static_cast<int64_t>(r0) * ld, ld);
         gemm<T>(false, true, m, n, dv1, T(1), aug.data(), dv1, vaug.data(), dv1, T(0), u.data(), n);
         fm.backprop(xt.data(), u.data(), n, gt.data(), dk + static_cast<int64_t>(r0) * d);
       }
@@ -594,7 +604,7 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
     for (int j = 0; j < lk; ++j) {
       if (!pad[j]) continue;
       std::fill(dk + static_cast<int64_t>(j) * d, dk + static_cast<int64_t>(j + 1) * d, T(0));
-      std::fill(dv_out + static_cast<int64_t>(j) * dv, dv_out + static_cast<int64_t>(j + 1) * dv, T(0));
+      std::fill(dv_out + static_cast<int64_t>(j) * ld, dv_out + static_cast<int64_t>(j) * ld + dv, T(0));
     }
   }
 }
@@ -659,6 +669,14 @@ Shape shape_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   return {q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
 }
 
+// Value-column blocks per head: 1 when there are at least as many heads as threads, else enough blocks of
+// >= 16 columns to give every thread work (each block recomputes what does not depend on the value columns).
+int64_t column_blocks(int64_t heads, int64_t dv) {
+  const int64_t threads = at::get_num_threads();
+  if (heads >= threads) return 1;
+  return std::min<int64_t>((threads + heads - 1) / heads, std::max<int64_t>(1, dv / 16));
+}
+
 // Runs fn(bh) over all B*H pairs in parallel.
 template <typename F>
 void for_each_head(const Shape& s, F fn) {
@@ -687,9 +705,7 @@ std::tuple<at::Tensor, at::Tensor> taylor_fwd_cpu(const at::Tensor& q_in, const 
     // With fewer heads than threads, split the value columns too: each task owns a block of output columns
     // (and recomputes the normalizer, written by the first block only). Blocks of >= 16 columns.
     const int64_t heads = s.batch * s.heads;
-    const int64_t threads = at::get_num_threads();
-    const int64_t blocks = heads >= threads ? 1 : std::min<int64_t>((threads + heads - 1) / heads,
-                                                                     std::max<int64_t>(1, s.dv / 16));
+    const int64_t blocks = column_blocks(heads, s.dv);
     const int64_t width = (s.dv + blocks - 1) / blocks;
     AT_DISPATCH_FLOATING_TYPES(acc, "taylor_fwd_cpu", [&] {
       at::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -738,17 +754,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_bwd_cpu(const at::Tensor& 
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   if (q.numel() > 0 && k.numel() > 0 && out.numel() > 0) {
     const Plan plan = make_plan(s, causal);
+    // With fewer heads than threads, split the value columns as the forward does: each task owns a block of
+    // dv's columns and adds its share of dq and dk to a buffer of its own (block 0: dq, dk), summed after.
+    const int64_t heads = s.batch * s.heads;
+    const int64_t blocks = column_blocks(heads, s.dv);
+    const int64_t width = (s.dv + blocks - 1) / blocks;
+    at::Tensor dq_part, dk_part;
+    if (blocks > 1) {
+      dq_part = at::zeros({blocks - 1, s.batch, s.heads, s.lq, s.d}, q.options());
+      dk_part = at::zeros({blocks - 1, s.batch, s.heads, s.lk, s.d}, q.options());
+    }
     AT_DISPATCH_FLOATING_TYPES(acc, "taylor_bwd_cpu", [&] {
-      for_each_head(s, [&](int64_t bh) {
-        const int64_t b = bh / s.heads;
-        backward_one<scalar_t>(g.data_ptr<scalar_t>() + bh * s.lq * s.dv, q.data_ptr<scalar_t>() + bh * s.lq * s.d,
-                               k.data_ptr<scalar_t>() + bh * s.lk * s.d, v.data_ptr<scalar_t>() + bh * s.lk * s.dv,
-                               mask_ptr(mask, b, s.lk), out.data_ptr<scalar_t>() + bh * s.lq * s.dv,
-                               den.data_ptr<scalar_t>() + bh * s.lq, dq.data_ptr<scalar_t>() + bh * s.lq * s.d,
-                               dk.data_ptr<scalar_t>() + bh * s.lk * s.d, dv.data_ptr<scalar_t>() + bh * s.lk * s.dv,
-                               s, causal, scale, plan);
+      at::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t bh = task / blocks, block = task % blocks, b = bh / s.heads;
+          const int64_t c0 = block * width, w = std::min(width, s.dv - c0);
+          if (w <= 0) continue;
+          Shape part = s;
+          part.dv = w;
+          scalar_t* dq_out = block == 0 ? dq.data_ptr<scalar_t>() : dq_part[block - 1].data_ptr<scalar_t>();
+          scalar_t* dk_out = block == 0 ? dk.data_ptr<scalar_t>() : dk_part[block - 1].data_ptr<scalar_t>();
+          backward_one<scalar_t>(g.data_ptr<scalar_t>() + bh * s.lq * s.dv, q.data_ptr<scalar_t>() + bh * s.lq * s.d,
+                                 k.data_ptr<scalar_t>() + bh * s.lk * s.d, v.data_ptr<scalar_t>() + bh * s.lk * s.dv,
+                                 mask_ptr(mask, b, s.lk), out.data_ptr<scalar_t>() + bh * s.lq * s.dv,
+                                 den.data_ptr<scalar_t>() + bh * s.lq, dq_out + bh * s.lq * s.d,
+                                 dk_out + bh * s.lk * s.d, dv.data_ptr<scalar_t>() + bh * s.lk * s.dv, part, causal,
+                                 scale, plan, static_cast<int>(s.dv), static_cast<int>(c0), block == 0);
+        }
       });
     });
+    if (blocks > 1) {
+      dq.add_(dq_part.sum(0));
+      dk.add_(dk_part.sum(0));
+    }
   }
   // Contiguous gradients, as the CUDA kernels and the fake kernel (linattn_cuda/ops.py) give.
   const auto dt = q_in.scalar_type();
