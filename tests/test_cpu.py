@@ -129,13 +129,25 @@ def test_cpu_prefill_then_steps_equal_causal_attention(dtype):
     assert max_rel_err(state.kv, ref_state.kv) < tol and max_rel_err(state.k_sum, ref_state.k_sum) < tol
 
 
-def test_cpu_prefill_from_initial_state_with_mask():
-    q, k, v, m = make_inputs(2, 2, 300, 300, 8, 16, dtype=torch.float64, seed=4, mask="random")
-    ref_out, ref_state = la.taylor_attention_prefill(q, k, v, key_padding_mask=m, backend="reference")
-    first, state = la.taylor_attention_prefill(q[:, :, :130], k[:, :, :130], v[:, :, :130], key_padding_mask=m[:, :130], backend="cpu")
-    rest, state = la.taylor_attention_prefill(q[:, :, 130:], k[:, :, 130:], v[:, :, 130:], key_padding_mask=m[:, 130:], initial_state=state, backend="cpu")
+@pytest.mark.parametrize("threads", [None, 4], ids=["default-threads", "4-threads"])
+@pytest.mark.parametrize("shape", [(2, 2, 16), (1, 1, 70)], ids=["B2-H2-Dv16", "B1-H1-Dv70"])
+def test_cpu_prefill_from_initial_state_with_mask(shape, threads):
+    """Two prefills (state out, then state in) == one; with fewer heads than threads the value columns are split
+    across tasks (B1-H1-Dv70 on 4 threads: 4 blocks, each with its own slice of the state)."""
+    b, h, dv = shape
+    q, k, v, m = make_inputs(b, h, 300, 300, 8, dv, dtype=torch.float64, seed=4, mask="random")
+    saved = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        ref_out, ref_state = la.taylor_attention_prefill(q, k, v, key_padding_mask=m, backend="reference")
+        first, state = la.taylor_attention_prefill(q[:, :, :130], k[:, :, :130], v[:, :, :130], key_padding_mask=m[:, :130], backend="cpu")
+        rest, state = la.taylor_attention_prefill(q[:, :, 130:], k[:, :, 130:], v[:, :, 130:], key_padding_mask=m[:, 130:], initial_state=state, backend="cpu")
+    finally:
+        torch.set_num_threads(saved)
     assert max_rel_err(torch.cat([first, rest], 2), ref_out) < 1e-10
     assert max_rel_err(state.kv, ref_state.kv) < 1e-10
+    assert max_rel_err(state.k_sum, ref_state.k_sum) < 1e-10
 
 
 def test_cpu_step_does_not_modify_the_old_state():

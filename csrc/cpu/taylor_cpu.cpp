@@ -821,30 +821,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_prefill_cpu(const at::Tens
   }
   const at::Tensor q = q_in.to(acc).contiguous(), k = k_in.to(acc).contiguous(), v = v_in.to(acc).contiguous();
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
-  // The state travels as one [B, H, M, Dv+1] buffer: kv in the first Dv columns, k_sum in the last.
-  at::Tensor state_aug = kv_in.has_value() ? at::cat({*kv_in, k_sum_in->unsqueeze(-1)}, -1).contiguous()
-                                           : at::empty({s.batch, s.heads, m, s.dv + 1}, q.options());
+  const bool has_state = kv_in.has_value();
+  // Fewer heads than threads: value-column blocks as in the forward. The state of a block travels as one
+  // [B, H, M, w+1] buffer: its w kv columns, then k_sum (every block carries it; block 0's is returned).
+  const int64_t heads = s.batch * s.heads;
+  const int64_t blocks = column_blocks(heads, s.dv);
+  const int64_t width = std::max<int64_t>(1, (s.dv + blocks - 1) / blocks);
+  std::vector<at::Tensor> states;
+  std::vector<int64_t> starts, widths;
+  for (int64_t c0 = 0; c0 < s.dv || (c0 == 0 && s.dv == 0); c0 += width) {
+    const int64_t w = std::min(width, s.dv - c0);
+    starts.push_back(c0);
+    widths.push_back(w);
+    states.push_back(has_state ? at::cat({kv_in->narrow(-1, c0, w).to(acc), k_sum_in->to(acc).unsqueeze(-1)}, -1)
+                                     .contiguous()
+                               : at::zeros({s.batch, s.heads, m, w + 1}, q.options()));
+  }
+  const int64_t nblocks = static_cast<int64_t>(states.size());
   at::Tensor out = at::empty({s.batch, s.heads, s.lq, s.dv}, q.options());
   at::Tensor den = at::empty({s.batch, s.heads, s.lq}, q.options());
-  const bool has_state = kv_in.has_value();
-  if (s.lq == 0 && !has_state) state_aug.zero_();
-  if (s.batch * s.heads > 0 && s.lq > 0) {
+  if (heads > 0 && s.lq > 0) {
     Plan plan = make_plan(s, true);
     plan.quadratic = false;
     plan.chunk = std::min<int>(plan.chunk, static_cast<int>(s.lq));
     AT_DISPATCH_FLOATING_TYPES(acc, "taylor_prefill_cpu", [&] {
-      for_each_head(s, [&](int64_t bh) {
-        const int64_t b = bh / s.heads;
-        forward_one<scalar_t>(q.data_ptr<scalar_t>() + bh * s.lq * s.d, k.data_ptr<scalar_t>() + bh * s.lk * s.d,
-                              v.data_ptr<scalar_t>() + bh * s.lk * s.dv, mask_ptr(mask, b, s.lk),
-                              out.data_ptr<scalar_t>() + bh * s.lq * s.dv, den.data_ptr<scalar_t>() + bh * s.lq, s,
-                              true, scale, plan, state_aug.data_ptr<scalar_t>() + bh * m * (s.dv + 1), has_state,
-                              true, static_cast<int>(s.dv));
+      at::parallel_for(0, heads * nblocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t bh = task / nblocks, block = task % nblocks, b = bh / s.heads;
+          const int64_t c0 = starts[block], w = widths[block];
+          Shape part = s;
+          part.dv = w;
+          forward_one<scalar_t>(q.data_ptr<scalar_t>() + bh * s.lq * s.d, k.data_ptr<scalar_t>() + bh * s.lk * s.d,
+                                v.data_ptr<scalar_t>() + bh * s.lk * s.dv + c0, mask_ptr(mask, b, s.lk),
+                                out.data_ptr<scalar_t>() + bh * s.lq * s.dv + c0,
+                                block == 0 ? den.data_ptr<scalar_t>() + bh * s.lq : nullptr, part, true, scale, plan,
+                                states[block].data_ptr<scalar_t>() + bh * m * (w + 1), has_state, true,
+                                static_cast<int>(s.dv));
+        }
       });
     });
   }
-  at::Tensor kv = state_aug.narrow(-1, 0, s.dv).contiguous();
-  at::Tensor k_sum = state_aug.select(-1, s.dv).contiguous();
+  std::vector<at::Tensor> kv_parts;
+  for (int64_t i = 0; i < nblocks; ++i) kv_parts.push_back(states[i].narrow(-1, 0, widths[i]));
+  at::Tensor kv = at::cat(kv_parts, -1).contiguous();
+  at::Tensor k_sum = states[0].select(-1, widths[0]).contiguous();
   return {out.to(q_in.scalar_type()), kv, k_sum};
 }
 
