@@ -649,7 +649,9 @@ def test_padded_keys_may_hold_nan_and_inf(ops, monkeypatch, form, causal):
         runs.append(res)
     for name, good, bad in zip(["out", "den", "dq", "dk", "dv", "prefill out", "kv", "k_sum"], *runs):
         assert torch.isfinite(bad).all(), f"{name}: non-finite values"
-        torch.testing.assert_close(bad, good, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+        # the dtype's default tolerance, not bit equality: on a GPU the backward's shared-memory atomics may sum
+        # in another order from one call to the next
+        torch.testing.assert_close(bad, good, msg=lambda m: f"{name}: {m}")
 
 
 # ------------------------------------------------------------------------------------------------ GPU-only
