@@ -211,7 +211,7 @@ def _padded_keys_case(backend, device, causal):
         if name in ("dk", "dv"):  # the padded keys' own gradients: 0 (or, in the finite run, whatever)
             good, bad = torch.where(keep, good, 0.0), torch.where(keep, bad, 0.0)
         assert torch.isfinite(bad).all(), f"{backend}: {name} has non-finite values"
-        torch.testing.assert_close(bad, good, rtol=1e-6, atol=1e-6, msg=lambda s: f"{backend} {name}: {s}")
+        torch.testing.assert_close(bad, good, msg=lambda s: f"{backend} {name}: {s}")  # GPU atomics may reorder sums
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])

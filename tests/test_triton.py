@@ -426,4 +426,4 @@ def test_chunk_padded_keys_may_hold_nan_and_inf(causal, fused):
         runs.append(got)
     for name, good, bad in zip(("out", "dq", "dk", "dv", "kv", "k_sum"), *runs):
         assert torch.isfinite(bad).all(), f"{name} has non-finite values"
-        torch.testing.assert_close(bad, good, rtol=1e-6, atol=1e-6, msg=lambda s: f"{name}: {s}")
+        torch.testing.assert_close(bad, good, msg=lambda s: f"{name}: {s}")  # GPU atomics may reorder sums
