@@ -26,7 +26,7 @@ from torch import nn
 
 from .api import taylor_attention, taylor_attention_step
 from .feature_map import resolve_scale, taylor_feature_map
-from .reference import TaylorState, accumulate_dtype, empty_state
+from .reference import TaylorState, accumulate_dtype, empty_state, zero_padded_keys
 
 __all__ = ["TaylorAttention", "TaylorAttentionCache", "context_state"]
 
@@ -49,10 +49,7 @@ def context_state(k: torch.Tensor, v: torch.Tensor, *, scale: float, key_padding
     ``k [B, H, L, D]``, ``v [B, H, L, Dv]``; padded keys (``key_padding_mask [B, L]`` True) are left out.
     """
     acc = accumulate_dtype(k.dtype)
-    k, v = k.to(acc), v.to(acc)
-    if key_padding_mask is not None:  # selected, not multiplied: a padded key may hold NaN or inf
-        pad = key_padding_mask[:, None, :, None]
-        k, v = torch.where(pad, 0.0, k), torch.where(pad, 0.0, v)
+    k, v = zero_padded_keys(k.to(acc), v.to(acc), key_padding_mask)
     fk = taylor_feature_map(k, scale)
     if key_padding_mask is not None:
         fk = fk * (~key_padding_mask).to(acc)[:, None, :, None]  # phi(0) = [1, 0, ...]: drop the constant too

@@ -27,6 +27,7 @@ __all__ = [
     "taylor_attention_recurrent",
     "taylor_attention_step_reference",
     "empty_state",
+    "zero_padded_keys",
 ]
 
 
@@ -71,7 +72,7 @@ def _key_keep(key_padding_mask: Optional[torch.Tensor], dtype) -> Optional[torch
     return (~key_padding_mask).to(dtype)
 
 
-def _zero_padded_keys(k, v, key_padding_mask):
+def zero_padded_keys(k, v, key_padding_mask):
     """k and v with the padded keys' rows set to 0 (selected, not multiplied: a padded key may hold NaN or inf,
     and still adds nothing). Their gradients are 0 there, as for any key that does not take part."""
     if key_padding_mask is None:
@@ -85,7 +86,7 @@ def taylor_attention_quadratic(q, k, v, *, causal=False, scale=None, key_padding
     out_dtype = q.dtype
     acc = accumulate_dtype(q.dtype)
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
-    k, v = _zero_padded_keys(k, v, key_padding_mask)
+    k, v = zero_padded_keys(k, v, key_padding_mask)
     d = q.shape[-1]
     scale = (1.0 / d**0.5) if scale is None else scale
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
@@ -107,7 +108,7 @@ def taylor_attention_linear(q, k, v, *, causal=False, scale=None, key_padding_ma
     out_dtype = q.dtype
     acc = accumulate_dtype(q.dtype)
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
-    k, v = _zero_padded_keys(k, v, key_padding_mask)
+    k, v = zero_padded_keys(k, v, key_padding_mask)
     fq = taylor_feature_map(q, scale, symmetric)
     fk = taylor_feature_map(k, scale, symmetric)
     keep = _key_keep(key_padding_mask, acc)
@@ -137,7 +138,7 @@ def taylor_attention_chunked(q, k, v, *, scale=None, key_padding_mask=None, chun
     out_dtype = q.dtype
     acc = accumulate_dtype(q.dtype)
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
-    k, v = _zero_padded_keys(k, v, key_padding_mask)
+    k, v = zero_padded_keys(k, v, key_padding_mask)
     b, h, length, d = q.shape
     scale = (1.0 / d**0.5) if scale is None else scale
     keep = _key_keep(key_padding_mask, acc)
@@ -192,7 +193,7 @@ def taylor_attention_recurrent(q, k, v, *, scale=None, key_padding_mask=None, in
     if initial_state is None:
         initial_state = empty_state(b, h, d, v.shape[-1], dtype=acc, device=q.device)
     kv, ksum = initial_state.kv.to(acc), initial_state.k_sum.to(acc)
-    k, v = _zero_padded_keys(k.to(acc), v.to(acc), key_padding_mask)
+    k, v = zero_padded_keys(k.to(acc), v.to(acc), key_padding_mask)
     fq_all = taylor_feature_map(q.to(acc), scale)
     fk_all = taylor_feature_map(k, scale)
     keep = _key_keep(key_padding_mask, acc)

@@ -194,7 +194,7 @@ def _fwd_role(
             k = _tile(Kb, offs_j, key_ok, offs_d, D)
             v = _tile(Vb, offs_j, key_ok, offs_v, DV)
             if BASE:
-                t0 += tl.sum(v * kf[:, None], 0)
+                t0 += tl.sum(v, 0)  # padded keys loaded as 0
                 z0 += tl.sum(kf, 0)
                 t1 += mm(tl.trans(k), v, MODE)
                 z1 += tl.sum(k, 0)
@@ -230,7 +230,7 @@ def _fwd_role(
                 p = tl.where(valid, 1.0 + s * (1.0 + 0.5 * s), 0.0)
                 num += mm(p, v, MODE)
                 den += tl.sum(p, 1)
-                t0 += tl.sum(v * kf[:, None], 0)
+                t0 += tl.sum(v, 0)  # padded keys loaded as 0
                 z0 += tl.sum(kf, 0)
                 t1 += mm(tl.trans(k), v, MODE)
                 z1 += tl.sum(k, 0)
@@ -347,7 +347,6 @@ def _bwd_dq_role(
             if HAS_MASK:
                 pad = tl.load(MASK + b * LK + offs_j, mask=j_ok, other=1)
                 key_ok = key_ok & (pad == 0)
-            kf = key_ok.to(tl.float32)
             k = _tile(Kb, offs_j, key_ok, offs_d, D)
             v = _tile(Vb, offs_j, key_ok, offs_v, DV)
             if BASE:
@@ -375,7 +374,6 @@ def _bwd_dq_role(
             if HAS_MASK:
                 pad = tl.load(MASK + b * LK + offs_i, mask=i_ok, other=1)
                 key_ok = key_ok & (pad == 0)
-            kf = key_ok.to(tl.float32)
             k = _tile(Kb, offs_i, key_ok, offs_d, D)
             v = _tile(Vb, offs_i, key_ok, offs_v, DV)
         if BASE:
