@@ -42,7 +42,8 @@ SWEEP_BWD = [(32, 8, True), (64, 8, True), (32, 4, True), (16, 8, True)]
 # (LINATTN_CUDA_DV_SLICE, LINATTN_CUDA_SEGMENTS) for the CUDA causal forward at the longest length
 CUDA_SWEEP = [(64, 1), (32, 1), (64, 2), (32, 2)]
 # (BLOCK_M, BLOCK_DV, num_warps) of the Triton decode step (first: the default of linattn_cuda/triton/step.py)
-STEP_SWEEP = [(64, 64, 4), (32, 64, 4), (64, 32, 4), (32, 32, 4), (16, 64, 2), (64, 64, 8)]
+# (256 and 128 rows: the whole state, or half, in one or two iterations, more programs over narrower columns)
+STEP_SWEEP = [(64, 64, 4), (32, 64, 4), (64, 32, 4), (32, 32, 4), (16, 64, 2), (64, 64, 8), (128, 32, 4), (256, 16, 4)]
 
 TARGETS = {
     "causal_fwd_ms_B16_L8192": 1.5,  # causal forward at B=16, L=8192 at most this many ms
