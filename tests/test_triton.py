@@ -205,7 +205,7 @@ def test_prefill_state(case):
     check_close("k_sum", ks2, st.k_sum, case_id=case.id)
 
 
-@pytest.mark.parametrize("block_m,block_dv,num_warps", [(16, 16, 1), (32, 64, 2)])
+@pytest.mark.parametrize("block_m,block_dv,num_warps", [(16, 16, 1), (32, 64, 2), (256, 16, 4)])
 def test_step_block_sizes(block_m, block_dv, num_warps):
     """The decode step with non-default block sizes (several value blocks; a partial last row block) ==
     the reference step."""
