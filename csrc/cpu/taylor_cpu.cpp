@@ -269,9 +269,9 @@ void normalize_rows(const T* num, int n, int dv, T* out, T* den, int ldo) {
   }
 }
 
-// The forward keeps the normalizer out of the GEMMs: value GEMMs are exactly Dv wide (a Dv + 1 = 65 wide GEMM
-// runs ~13 % slower per useful FLOP than a 64 wide one with MKL's AVX-512 kernels, bench note in the README),
-// and the normalizer column (z = sum of phi(k), or the row sums of P) is done by the short loops below.
+// The forward keeps the normalizer out of the GEMMs: value GEMMs are exactly Dv wide (single-thread MKL sgemm on
+// this project's VM: 143 GFLOP/s for 64 x 65 x 153, 165 for 64 x 64 x 153, i.e. ~13 % slower per useful FLOP at
+// Dv + 1 = 65), and the normalizer column (z = sum of phi(k), or the row sums of P) is done by the loops below.
 
 // P = poly(S) over an n x lk block (rows ld apart; causal: zero above the diagonal), padded key columns 0,
 // and rowsum[i] = sum_j P_ij.
@@ -329,18 +329,18 @@ void zero_padded_columns(T* phit, int m, int n, const bool* pad) {
       for (int f = 0; f < m; ++f) phit[static_cast<int64_t>(f) * n + r] = T(0);
 }
 
-// num[r * ldn] (+)= sum_f phi^T[f, r] z[f * ldz]: the normalizer of n queries against a state column.
+// num[r * ldn] = sum_f phi^T[f, r] z[f * ldz]: the normalizer of n queries against a state column (acc: n scratch).
 template <typename T>
 LA_SIMD_CLONES
 void project_normalizer(const T* __restrict__ phit, int m, int n, const T* z, int ldz, T* num, int ldn,
-                        bool accumulate, T* __restrict__ acc) {
+                        T* __restrict__ acc) {
   std::fill(acc, acc + n, T(0));
   for (int f = 0; f < m; ++f) {
     const T zf = z[static_cast<int64_t>(f) * ldz];
     const T* __restrict__ row = phit + static_cast<int64_t>(f) * n;
     for (int r = 0; r < n; ++r) acc[r] += zf * row[r];
   }
-  for (int r = 0; r < n; ++r) num[static_cast<int64_t>(r) * ldn] = (accumulate ? num[static_cast<int64_t>(r) * ldn] : T(0)) + acc[r];
+  for (int r = 0; r < n; ++r) num[static_cast<int64_t>(r) * ldn] = acc[r];
 }
 
 // z[f * ldz] += sum_r phi^T[f, r]: the normalizer column of the state after n more keys.
@@ -417,7 +417,7 @@ void forward_one(const T* q, const T* k, const T* v, const bool* pad, T* out, T*
   auto read_state = [&](int r0, int n) {
     fm.features(q + static_cast<int64_t>(r0) * d, n, xt.data(), phi.data());
     gemm<T>(true, false, n, dv, m, T(1), phi.data(), n, st, dv1, T(0), num.data(), dv1);
-    project_normalizer(phi.data(), m, n, z, dv1, num.data() + dv, dv1, false, acc.data());
+    project_normalizer(phi.data(), m, n, z, dv1, num.data() + dv, dv1, acc.data());
   };
 
   if (!causal) {
@@ -677,14 +677,6 @@ int64_t column_blocks(int64_t heads, int64_t dv) {
   return std::min<int64_t>((threads + heads - 1) / heads, std::max<int64_t>(1, dv / 16));
 }
 
-// Runs fn(bh) over all B*H pairs in parallel.
-template <typename F>
-void for_each_head(const Shape& s, F fn) {
-  at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) fn(bh);
-  });
-}
-
 const bool* mask_ptr(const at::Tensor& mask, int64_t b, int64_t lk) {
   return mask.defined() ? mask.data_ptr<bool>() + b * lk : nullptr;
 }
@@ -772,8 +764,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_bwd_cpu(const at::Tensor& 
           if (w <= 0) continue;
           Shape part = s;
           part.dv = w;
-          scalar_t* dq_out = block == 0 ? dq.data_ptr<scalar_t>() : dq_part[block - 1].data_ptr<scalar_t>();
-          scalar_t* dk_out = block == 0 ? dk.data_ptr<scalar_t>() : dk_part[block - 1].data_ptr<scalar_t>();
+          scalar_t* dq_out = block == 0 ? dq.data_ptr<scalar_t>() : dq_part.data_ptr<scalar_t>() + (block - 1) * dq.numel();
+          scalar_t* dk_out = block == 0 ? dk.data_ptr<scalar_t>() : dk_part.data_ptr<scalar_t>() + (block - 1) * dk.numel();
           backward_one<scalar_t>(g.data_ptr<scalar_t>() + bh * s.lq * s.dv, q.data_ptr<scalar_t>() + bh * s.lq * s.d,
                                  k.data_ptr<scalar_t>() + bh * s.lk * s.d, v.data_ptr<scalar_t>() + bh * s.lk * s.dv,
                                  mask_ptr(mask, b, s.lk), out.data_ptr<scalar_t>() + bh * s.lq * s.dv,
