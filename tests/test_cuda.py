@@ -536,6 +536,24 @@ def test_step_matches_reference(ops, dtype, D, Dv):
     assert kv.data_ptr() != kv0.data_ptr(), "the step must return a new state"
 
 
+@pytest.mark.parametrize("BH", [5, 70000], ids=lambda n: f"BH{n}")
+def test_step_grid_over_many_heads(ops, BH):
+    """The step's grid is flat over (batch*head, row block): more than 65535 batch*heads work (the grid's y
+    dimension would stop there). D = 16 (M = 153: 5 row blocks), Dv = 3."""
+    if ops.emulated and BH > 100:
+        pytest.skip("too large for the CPU emulator")
+    D, Dv = 16, 3
+    kv0, ks0 = _random_state(1, BH, D, Dv, torch.float32, ops.device, n=2)  # a 2-token prefix: small in float64
+    g = torch.Generator().manual_seed(12)
+    q, k = (torch.randn(1, BH, D, generator=g).to(ops.device) for _ in range(2))
+    v = torch.randn(1, BH, Dv, generator=g).to(ops.device)
+    out, kv, ks = ops.step(q, k, v, kv0, ks0, D**-0.5)
+    out64, st = ref.taylor_attention_step_reference(q.double(), k.double(), v.double(),
+                                                    ref.TaylorState(kv0.double(), ks0.double()), scale=D**-0.5)
+    assert_close_rule("out", out, out64, out64.float(), torch.float32)
+    _state_close((kv, ks), st, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", PREFILL_DTYPES, ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("D,Dv", [(16, 64), (5, 40), (32, 16)], ids=lambda x: str(x))
 def test_prefill_then_steps_equals_causal(ops, dtype, D, Dv):

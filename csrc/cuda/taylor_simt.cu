@@ -570,9 +570,10 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS(kStepThreads) step_update_kernel(StepParams p, F
   A* ks_out = static_cast<A*>(p.ks_out);
 
   const int tid = threadIdx.x;
-  const int nblk = gridDim.x;
-  const int f0 = blockIdx.x * RF;
-  const index_t bh = blockIdx.y;
+  const int nblk = (M + RF - 1) / RF;  // row blocks per head; the grid is flat: (batch*head, row block)
+  const index_t bh = blockIdx.x / nblk;
+  const int blk = static_cast<int>(blockIdx.x - bh * nblk);
+  const int f0 = blk * RF;
 
   for (int d = tid; d <= D; d += kStepThreads) {
     xq[d] = d < D ? load_as<A>(q, bh * D + d) : A(1);
@@ -613,7 +614,7 @@ LA_GLOBAL void LA_LAUNCH_BOUNDS(kStepThreads) step_update_kernel(StepParams p, F
   }
   red[tid] = num;
   LA_SYNC();
-  A* part = static_cast<A*>(p.partial) + (bh * nblk + blockIdx.x) * (Dv + 1);
+  A* part = static_cast<A*>(p.partial) + (bh * nblk + blk) * (Dv + 1);
   for (int cc = tid; cc < Dv; cc += kStepThreads) {
     A s = 0;
     for (int rr = 0; rr < rows_par; ++rr) s += red[rr * ntr + cc];
@@ -773,14 +774,16 @@ static void launch_step_typed(const StepParams& p, const DeviceInfo& dev, la_str
   const size_t smem_u = sizeof(A) * (2 * (p.D + 1) + p.Dv + 3 * kStepRows + kStepThreads);
   auto update = step_update_kernel<T, A>;
   prepare_smem(update, smem_u, dev, "decode step");
-  LA_LAUNCH(update, dim3(nblk, p.BH), dim3(kStepThreads), smem_u, stream, p, make_feature_coefs<A>(p.scale));
+  LA_LAUNCH(update, dim3(static_cast<unsigned>(nblk * p.BH)), dim3(kStepThreads), smem_u, stream, p,
+            make_feature_coefs<A>(p.scale));
   auto finalize = step_finalize_kernel<T, A>;
   LA_LAUNCH(finalize, dim3(p.BH), dim3(kStepThreads), sizeof(A) * (p.Dv + 1), stream, p, nblk);
 }
 
 void launch_step(DType dt, DType state_dt, const StepParams& p, const DeviceInfo& dev, la_stream_t stream) {
   TORCH_CHECK(state_dt == DType::F32 || state_dt == DType::F64, "linattn_cuda: the state must be float32 or float64");
-  TORCH_CHECK(p.BH <= 65535, "linattn_cuda: taylor_step supports at most 65535 batch*heads, got ", p.BH);
+  TORCH_CHECK(p.BH <= (int64_t{1} << 31) / step_num_blocks(p.M) - 1, "linattn_cuda: taylor_step supports at most ",
+              (int64_t{1} << 31) / step_num_blocks(p.M) - 1, " batch*heads for M = ", p.M, ", got ", p.BH);
   if (p.BH == 0) return;
   const bool f64 = state_dt == DType::F64;
   switch (dt) {
