@@ -669,12 +669,31 @@ Shape shape_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   return {q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
 }
 
-// Value-column blocks per head: 1 when there are at least as many heads as threads, else enough blocks of
-// >= 16 columns to give every thread work (each block recomputes what does not depend on the value columns).
-int64_t column_blocks(int64_t heads, int64_t dv) {
+// The value columns of a head in `count` blocks of `width` (the last one may be narrower): one block when there
+// are at least as many heads as threads, else enough blocks of >= 16 columns to give every thread work (each
+// block recomputes what does not depend on the value columns).
+struct ColumnSplit {
+  int64_t count, width, dv;
+  int64_t start(int64_t block) const { return block * width; }
+  int64_t size(int64_t block) const { return std::min(width, dv - block * width); }
+};
+
+ColumnSplit column_split(int64_t heads, int64_t dv) {
   const int64_t threads = at::get_num_threads();
-  if (heads >= threads) return 1;
-  return std::min<int64_t>((threads + heads - 1) / heads, std::max<int64_t>(1, dv / 16));
+  const int64_t count =
+      heads >= threads ? 1 : std::min<int64_t>((threads + heads - 1) / heads, std::max<int64_t>(1, dv / 16));
+  return {count, (dv + count - 1) / count, dv};
+}
+
+// fn(bh, block) over every (batch*head, column block) in parallel; block 0 always runs (even when Dv = 0).
+template <typename F>
+void for_each_head_block(int64_t heads, const ColumnSplit& cs, F fn) {
+  at::parallel_for(0, heads * cs.count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t block = task % cs.count;
+      if (block == 0 || cs.size(block) > 0) fn(task / cs.count, block);
+    }
+  });
 }
 
 const bool* mask_ptr(const at::Tensor& mask, int64_t b, int64_t lk) {
@@ -697,22 +716,17 @@ std::tuple<at::Tensor, at::Tensor> taylor_fwd_cpu(const at::Tensor& q_in, const 
     // With fewer heads than threads, split the value columns too: each task owns a block of output columns
     // (and recomputes the normalizer, written by the first block only). Blocks of >= 16 columns.
     const int64_t heads = s.batch * s.heads;
-    const int64_t blocks = column_blocks(heads, s.dv);
-    const int64_t width = (s.dv + blocks - 1) / blocks;
+    const ColumnSplit cs = column_split(heads, s.dv);
     AT_DISPATCH_FLOATING_TYPES(acc, "taylor_fwd_cpu", [&] {
-      at::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t task = begin; task < end; ++task) {
-          const int64_t bh = task / blocks, block = task % blocks, b = bh / s.heads;
-          const int64_t c0 = block * width, w = std::min(width, s.dv - c0);
-          if (w <= 0) continue;
-          Shape part = s;
-          part.dv = w;
-          forward_one<scalar_t>(q.data_ptr<scalar_t>() + bh * s.lq * s.d, k.data_ptr<scalar_t>() + bh * s.lk * s.d,
-                                v.data_ptr<scalar_t>() + bh * s.lk * s.dv + c0, mask_ptr(mask, b, s.lk),
-                                out.data_ptr<scalar_t>() + bh * s.lq * s.dv + c0,
-                                block == 0 ? den.data_ptr<scalar_t>() + bh * s.lq : nullptr, part, causal, scale, plan,
-                                nullptr, false, false, static_cast<int>(s.dv));
-        }
+      for_each_head_block(heads, cs, [&](int64_t bh, int64_t block) {
+        const int64_t b = bh / s.heads, c0 = cs.start(block);
+        Shape part = s;
+        part.dv = cs.size(block);
+        forward_one<scalar_t>(q.data_ptr<scalar_t>() + bh * s.lq * s.d, k.data_ptr<scalar_t>() + bh * s.lk * s.d,
+                              v.data_ptr<scalar_t>() + bh * s.lk * s.dv + c0, mask_ptr(mask, b, s.lk),
+                              out.data_ptr<scalar_t>() + bh * s.lq * s.dv + c0,
+                              block == 0 ? den.data_ptr<scalar_t>() + bh * s.lq : nullptr, part, causal, scale, plan,
+                              nullptr, false, false, static_cast<int>(s.dv));
       });
     });
   } else if (den.numel() > 0) {
@@ -749,33 +763,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_bwd_cpu(const at::Tensor& 
     // With fewer heads than threads, split the value columns as the forward does: each task owns a block of
     // dv's columns and adds its share of dq and dk to a buffer of its own (block 0: dq, dk), summed after.
     const int64_t heads = s.batch * s.heads;
-    const int64_t blocks = column_blocks(heads, s.dv);
-    const int64_t width = (s.dv + blocks - 1) / blocks;
+    const ColumnSplit cs = column_split(heads, s.dv);
     at::Tensor dq_part, dk_part;
-    if (blocks > 1) {
-      dq_part = at::zeros({blocks - 1, s.batch, s.heads, s.lq, s.d}, q.options());
-      dk_part = at::zeros({blocks - 1, s.batch, s.heads, s.lk, s.d}, q.options());
+    if (cs.count > 1) {
+      dq_part = at::zeros({cs.count - 1, s.batch, s.heads, s.lq, s.d}, q.options());
+      dk_part = at::zeros({cs.count - 1, s.batch, s.heads, s.lk, s.d}, q.options());
     }
     AT_DISPATCH_FLOATING_TYPES(acc, "taylor_bwd_cpu", [&] {
-      at::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t task = begin; task < end; ++task) {
-          const int64_t bh = task / blocks, block = task % blocks, b = bh / s.heads;
-          const int64_t c0 = block * width, w = std::min(width, s.dv - c0);
-          if (w <= 0) continue;
-          Shape part = s;
-          part.dv = w;
-          scalar_t* dq_out = block == 0 ? dq.data_ptr<scalar_t>() : dq_part.data_ptr<scalar_t>() + (block - 1) * dq.numel();
-          scalar_t* dk_out = block == 0 ? dk.data_ptr<scalar_t>() : dk_part.data_ptr<scalar_t>() + (block - 1) * dk.numel();
-          backward_one<scalar_t>(g.data_ptr<scalar_t>() + bh * s.lq * s.dv, q.data_ptr<scalar_t>() + bh * s.lq * s.d,
-                                 k.data_ptr<scalar_t>() + bh * s.lk * s.d, v.data_ptr<scalar_t>() + bh * s.lk * s.dv,
-                                 mask_ptr(mask, b, s.lk), out.data_ptr<scalar_t>() + bh * s.lq * s.dv,
-                                 den.data_ptr<scalar_t>() + bh * s.lq, dq_out + bh * s.lq * s.d,
-                                 dk_out + bh * s.lk * s.d, dv.data_ptr<scalar_t>() + bh * s.lk * s.dv, part, causal,
-                                 scale, plan, static_cast<int>(s.dv), static_cast<int>(c0), block == 0);
-        }
+      for_each_head_block(heads, cs, [&](int64_t bh, int64_t block) {
+        const int64_t b = bh / s.heads, c0 = cs.start(block);
+        Shape part = s;
+        part.dv = cs.size(block);
+        scalar_t* dq_out = block == 0 ? dq.data_ptr<scalar_t>() : dq_part.data_ptr<scalar_t>() + (block - 1) * dq.numel();
+        scalar_t* dk_out = block == 0 ? dk.data_ptr<scalar_t>() : dk_part.data_ptr<scalar_t>() + (block - 1) * dk.numel();
+        backward_one<scalar_t>(g.data_ptr<scalar_t>() + bh * s.lq * s.dv, q.data_ptr<scalar_t>() + bh * s.lq * s.d,
+                               k.data_ptr<scalar_t>() + bh * s.lk * s.d, v.data_ptr<scalar_t>() + bh * s.lk * s.dv,
+                               mask_ptr(mask, b, s.lk), out.data_ptr<scalar_t>() + bh * s.lq * s.dv,
+                               den.data_ptr<scalar_t>() + bh * s.lq, dq_out + bh * s.lq * s.d,
+                               dk_out + bh * s.lk * s.d, dv.data_ptr<scalar_t>() + bh * s.lk * s.dv, part, causal,
+                               scale, plan, static_cast<int>(s.dv), static_cast<int>(c0), block == 0);
       });
     });
-    if (blocks > 1) {
+    if (cs.count > 1) {
       dq.add_(dq_part.sum(0));
       dk.add_(dk_part.sum(0));
     }
@@ -817,19 +826,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_prefill_cpu(const at::Tens
   // Fewer heads than threads: value-column blocks as in the forward. The state of a block travels as one
   // [B, H, M, w+1] buffer: its w kv columns, then k_sum (every block carries it; block 0's is returned).
   const int64_t heads = s.batch * s.heads;
-  const int64_t blocks = column_blocks(heads, s.dv);
-  const int64_t width = std::max<int64_t>(1, (s.dv + blocks - 1) / blocks);
+  const ColumnSplit cs = column_split(heads, s.dv);
   std::vector<at::Tensor> states;
-  std::vector<int64_t> starts, widths;
-  for (int64_t c0 = 0; c0 < s.dv || (c0 == 0 && s.dv == 0); c0 += width) {
-    const int64_t w = std::min(width, s.dv - c0);
-    starts.push_back(c0);
-    widths.push_back(w);
+  for (int64_t block = 0; block < cs.count; ++block) {
+    const int64_t c0 = cs.start(block), w = cs.size(block);
     states.push_back(has_state ? at::cat({kv_in->narrow(-1, c0, w).to(acc), k_sum_in->to(acc).unsqueeze(-1)}, -1)
                                      .contiguous()
                                : at::zeros({s.batch, s.heads, m, w + 1}, q.options()));
   }
-  const int64_t nblocks = static_cast<int64_t>(states.size());
   at::Tensor out = at::empty({s.batch, s.heads, s.lq, s.dv}, q.options());
   at::Tensor den = at::empty({s.batch, s.heads, s.lq}, q.options());
   if (heads > 0 && s.lq > 0) {
@@ -837,26 +841,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_prefill_cpu(const at::Tens
     plan.quadratic = false;
     plan.chunk = std::min<int>(plan.chunk, static_cast<int>(s.lq));
     AT_DISPATCH_FLOATING_TYPES(acc, "taylor_prefill_cpu", [&] {
-      at::parallel_for(0, heads * nblocks, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t task = begin; task < end; ++task) {
-          const int64_t bh = task / nblocks, block = task % nblocks, b = bh / s.heads;
-          const int64_t c0 = starts[block], w = widths[block];
-          Shape part = s;
-          part.dv = w;
-          forward_one<scalar_t>(q.data_ptr<scalar_t>() + bh * s.lq * s.d, k.data_ptr<scalar_t>() + bh * s.lk * s.d,
-                                v.data_ptr<scalar_t>() + bh * s.lk * s.dv + c0, mask_ptr(mask, b, s.lk),
-                                out.data_ptr<scalar_t>() + bh * s.lq * s.dv + c0,
-                                block == 0 ? den.data_ptr<scalar_t>() + bh * s.lq : nullptr, part, true, scale, plan,
-                                states[block].data_ptr<scalar_t>() + bh * m * (w + 1), has_state, true,
-                                static_cast<int>(s.dv));
-        }
+      for_each_head_block(heads, cs, [&](int64_t bh, int64_t block) {
+        const int64_t b = bh / s.heads, c0 = cs.start(block), w = cs.size(block);
+        Shape part = s;
+        part.dv = w;
+        forward_one<scalar_t>(q.data_ptr<scalar_t>() + bh * s.lq * s.d, k.data_ptr<scalar_t>() + bh * s.lk * s.d,
+                            v.data_ptr<scalar_t>() + bh * s.lk * s.dv + c0, mask_ptr(mask, b, s.lk),
+                            out.data_ptr<scalar_t>() + bh * s.lq * s.dv + c0,
+                            block == 0 ? den.data_ptr<scalar_t>() + bh * s.lq : nullptr, part, true, scale, plan,
+                            states[block].data_ptr<scalar_t>() + bh * m * (w + 1), has_state, true,
+                            static_cast<int>(s.dv));
       });
     });
   }
   std::vector<at::Tensor> kv_parts;
-  for (int64_t i = 0; i < nblocks; ++i) kv_parts.push_back(states[i].narrow(-1, 0, widths[i]));
+  for (int64_t block = 0; block < cs.count; ++block) kv_parts.push_back(states[block].narrow(-1, 0, cs.size(block)));
   at::Tensor kv = at::cat(kv_parts, -1).contiguous();
-  at::Tensor k_sum = states[0].select(-1, widths[0]).contiguous();
+  at::Tensor k_sum = states[0].select(-1, cs.size(0)).contiguous();
   return {out.to(q_in.scalar_type()), kv, k_sum};
 }
 
