@@ -3,12 +3,14 @@
     out = taylor_attention(q, k, v, causal=True)          # [B,H,L,D], [B,H,L,D], [B,H,L,Dv]
     out, state = taylor_attention_prefill(q, k, v)        # causal, returns the decoding state
     out_t, state = taylor_attention_step(q_t, k_t, v_t, state)
+    out = hybrid_attention(q, k, v, window=64)            # softmax in a window, Taylor beyond it
 """
 from . import nn
 from ._extension import extension_loaded
 from .api import taylor_attention, taylor_attention_prefill, taylor_attention_step
 from .backends import available_backends, backend_names
 from .feature_map import feature_dim, taylor_feature_map
+from .hybrid import hybrid_attention
 from .reference import TaylorState, empty_state
 
 __version__ = "0.1.0"
@@ -17,6 +19,7 @@ __all__ = [
     "taylor_attention",
     "taylor_attention_prefill",
     "taylor_attention_step",
+    "hybrid_attention",
     "taylor_feature_map",
     "feature_dim",
     "TaylorState",

@@ -26,9 +26,10 @@ from torch import nn
 
 from .api import taylor_attention, taylor_attention_step
 from .feature_map import resolve_scale, taylor_feature_map
+from .hybrid import check_window, hybrid_attention
 from .reference import TaylorState, accumulate_dtype, empty_state, zero_padded_keys
 
-__all__ = ["TaylorAttention", "TaylorAttentionCache", "context_state"]
+__all__ = ["TaylorAttention", "TaylorAttentionCache", "HybridAttention", "HybridAttentionCache", "context_state"]
 
 
 class TaylorAttentionCache(NamedTuple):
@@ -162,3 +163,185 @@ class TaylorAttention(nn.Module):
             new = TaylorAttentionCache(state, frozen=False)
         out = self.out(out.reshape(out.shape[0], 1, -1))
         return (out[:, 0] if squeeze else out), new
+
+
+class HybridAttentionCache(NamedTuple):
+    """Decoding cache of one :class:`HybridAttention` layer (causal self-attention); its size never grows.
+
+    keys, values: [B, H, W, D] / [B, H, W, Dv] ring buffer of the last W keys and values (slot ``t % W`` holds
+                  position ``t``), float32 (float64 for float64 modules).
+    state:        TaylorState of the keys that have left the window.
+    position:     number of tokens seen so far.
+    conv:         [B, conv_size - 1, C] the last projected q/k/v rows of the short convolution (None without one).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    state: TaylorState
+    position: int
+    conv: Optional[torch.Tensor]
+
+
+class HybridAttention(TaylorAttention):
+    """Multi-head hybrid attention: exact softmax weights over the last ``window`` keys, the Taylor weight
+    ``1 + s + s^2/2`` beyond them, one normalizer (see :mod:`linattn_cuda.hybrid`); linear cost in the length,
+    fixed-size decoding cache (``window`` keys and values plus the Taylor state).
+
+    Takes the arguments of :class:`TaylorAttention` (``feature_dim`` defaults to 16 here, as in Based) and
+
+        window:      keys with softmax weights (the query's own and the ``window - 1`` before it; non-causal
+                     self-attention: ``|i - j| < window``).
+        conv_size:   > 0 adds a short causal depthwise convolution (kernel ``conv_size``) over the projected
+                     q, k and v of self-attention (the "short convolution" of Based and of many linear-attention
+                     models); 0 = none.
+        learn_scale: a learnable per-head temperature multiplying the logits (initialized to 1).
+
+    Cross-attention (``context`` given) has no positions to window: it is Taylor attention over the context,
+    with :class:`TaylorAttention`'s cache. Call convention and caches as :class:`TaylorAttention`.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        window: int = 64,
+        feature_dim: Optional[int] = 16,
+        conv_size: int = 0,
+        learn_scale: bool = False,
+        context_dim: Optional[int] = None,
+        bias: bool = True,
+        scale: Optional[float] = None,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(
+            embed_dim, num_heads, context_dim=context_dim, feature_dim=feature_dim, bias=bias, scale=scale,
+            backend=backend, device=device, dtype=dtype,
+        )
+        self.window = check_window(window)
+        if isinstance(conv_size, bool) or not isinstance(conv_size, int) or conv_size < 0:
+            raise ValueError(f"conv_size must be an int >= 0 (0 = no short convolution), got {conv_size!r}")
+        self.conv_size = conv_size
+        kw = {"device": device, "dtype": dtype}
+        channels = num_heads * (2 * self.qk_dim + self.head_dim)
+        self.conv = nn.Conv1d(channels, channels, conv_size, groups=channels, **kw) if conv_size else None
+        self.log_temperature = nn.Parameter(torch.zeros(num_heads, **kw)) if learn_scale else None
+
+    def extra_repr(self) -> str:
+        extra = f", window={self.window}, conv_size={self.conv_size}, learn_scale={self.log_temperature is not None}"
+        return super().extra_repr() + extra
+
+    def _temperature(self, q: torch.Tensor) -> torch.Tensor:  # q [B, H, ..., d]
+        if self.log_temperature is None:
+            return q
+        t = self.log_temperature.exp().to(q.dtype)
+        return q * t.view(1, -1, *([1] * (q.dim() - 2)))
+
+    def _qkv(self, x: torch.Tensor, key_padding_mask=None, conv_history=None):
+        """Projected q, k, v ``[B, L, H*d]`` of self-attention, through the short convolution if there is one.
+        Returns (q, k, v, the last conv_size - 1 projected rows for the next step or None)."""
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        if self.conv is None:
+            return q, k, v, None
+        y = torch.cat([q, k, v], dim=-1)  # [B, L, C]
+        if key_padding_mask is not None:  # padded positions add nothing to their neighbours
+            y = y.masked_fill(key_padding_mask.unsqueeze(-1), 0.0)
+        if conv_history is None:
+            conv_history = y.new_zeros(y.shape[0], self.conv_size - 1, y.shape[-1])
+        y = torch.cat([conv_history, y], dim=1)
+        history = y[:, y.shape[1] - (self.conv_size - 1):]
+        y = self.conv(y.transpose(1, 2)).transpose(1, 2)
+        hq = self.num_heads * self.qk_dim
+        return y[..., :hq], y[..., hq : 2 * hq], y[..., 2 * hq :], history
+
+    def forward(self, x, context=None, *, causal: bool = False, key_padding_mask=None):
+        if context is not None:
+            if self.conv is not None:
+                raise ValueError("conv_size > 0 applies to self-attention; HybridAttention got a context (cross-attention)")
+            q, k, v = self._heads(self.query(x)), self._heads(self.key(context)), self._heads(self.value(context))
+            out = taylor_attention(
+                self._temperature(q), k, v, scale=self.scale, key_padding_mask=key_padding_mask, backend=self.backend
+            )
+            return self.out(self._merge(out))
+        q, k, v, _ = self._qkv(x, key_padding_mask)
+        q, k, v = self._temperature(self._heads(q)), self._heads(k), self._heads(v)
+        out = hybrid_attention(
+            q, k, v, window=self.window, causal=causal, scale=self.scale, key_padding_mask=key_padding_mask,
+            backend=self.backend,
+        )
+        return self.out(self._merge(out))
+
+    def init_cache(self, batch_size: Optional[int] = None, context=None, key_padding_mask=None):
+        """An empty causal self-attention cache (``batch_size``), or a cross-attention cache (``context``)."""
+        if context is not None:
+            if self.conv is not None:
+                raise ValueError("conv_size > 0 applies to self-attention; init_cache got a context (cross-attention)")
+            return super().init_cache(context=context, key_padding_mask=key_padding_mask)
+        if batch_size is None:
+            raise ValueError("init_cache needs batch_size (self-attention) or context (cross-attention)")
+        w = self.value.weight
+        acc = accumulate_dtype(w.dtype)
+        h = self.num_heads
+        keys = torch.zeros(batch_size, h, self.window, self.qk_dim, dtype=acc, device=w.device)
+        values = torch.zeros(batch_size, h, self.window, self.head_dim, dtype=acc, device=w.device)
+        state = empty_state(batch_size, h, self.qk_dim, self.head_dim, dtype=acc, device=w.device)
+        conv = None
+        if self.conv is not None:
+            conv = torch.zeros(batch_size, self.conv_size - 1, self.conv.in_channels, dtype=w.dtype, device=w.device)
+        return HybridAttentionCache(keys, values, state, 0, conv)
+
+    def step(self, x: torch.Tensor, cache):
+        """One decoding step: ``x [B, 1, E]`` (or ``[B, E]``) -> ``(out of x's shape, new cache)``;
+        O(window * d + M * Dv) per token whatever the number of tokens before it."""
+        if isinstance(cache, TaylorAttentionCache):  # cross-attention: Taylor attention over a fixed context
+            if self.log_temperature is not None:
+                return self._step_cross_with_temperature(x, cache)
+            return super().step(x, cache)
+        if not isinstance(cache, HybridAttentionCache):
+            raise TypeError(f"cache must be a HybridAttentionCache from init_cache, got {type(cache).__name__}")
+        squeeze = x.dim() == 2
+        if squeeze:
+            x = x.unsqueeze(1)
+        if x.dim() != 3 or x.shape[1] != 1:
+            raise ValueError(f"x must have shape [B, 1, E] or [B, E], got {tuple(x.shape)}")
+        q, k, v, conv = self._qkv(x, conv_history=cache.conv)
+        acc = cache.keys.dtype
+        q = self._temperature(self._heads(q)[:, :, 0]).to(acc)
+        k, v = self._heads(k)[:, :, 0].to(acc), self._heads(v)[:, :, 0].to(acc)
+        t, w = cache.position, self.window
+        slot = t % w
+        kv, k_sum = cache.state
+        if t >= w:  # the key at position t - W leaves the window: into the Taylor state
+            old_k, old_v = cache.keys[:, :, slot], cache.values[:, :, slot]
+            fk = taylor_feature_map(old_k, self.scale)
+            kv = kv + fk.unsqueeze(-1) * old_v.unsqueeze(-2)
+            k_sum = k_sum + fk
+        index = torch.tensor([slot], device=q.device)
+        keys = cache.keys.index_copy(2, index, k.unsqueeze(2))
+        values = cache.values.index_copy(2, index, v.unsqueeze(2))
+        s = self.scale * torch.einsum("bhd,bhwd->bhw", q, keys)
+        inside = torch.arange(w, device=q.device) <= t  # all slots once t >= W - 1
+        fq = taylor_feature_map(q, self.scale)
+        num_f = torch.einsum("bhm,bhmv->bhv", fq, kv)
+        den_f = torch.einsum("bhm,bhm->bh", fq, k_sum)
+        m = torch.where(inside, s, torch.full_like(s, float("-inf"))).amax(-1)
+        m = torch.where(den_f > 0, m.clamp_min(0.0), m)
+        p = torch.where(inside, torch.exp(s - m.unsqueeze(-1)), torch.zeros_like(s))
+        far = torch.exp(-m.clamp_min(0.0))
+        num = torch.einsum("bhw,bhwv->bhv", p, values) + far.unsqueeze(-1) * num_f
+        den = p.sum(-1) + far * den_f
+        out = (num / den.unsqueeze(-1)).to(x.dtype)  # den >= exp(0) or >= 1/2 * exp(-m): never 0
+        out = self.out(out.reshape(out.shape[0], 1, -1))
+        new = HybridAttentionCache(keys, values, TaylorState(kv, k_sum), t + 1, conv)
+        return (out[:, 0] if squeeze else out), new
+
+    def _step_cross_with_temperature(self, x, cache: TaylorAttentionCache):
+        squeeze = x.dim() == 2
+        if squeeze:
+            x = x.unsqueeze(1)
+        q = self._temperature(self._heads(self.query(x)))[:, :, 0]
+        out = _read_state(q, cache.state, self.scale)
+        out = self.out(out.reshape(out.shape[0], 1, -1))
+        return (out[:, 0] if squeeze else out), cache
