@@ -89,7 +89,7 @@ def _blocks(x: torch.Tensor, n: int, window: int, causal: bool) -> torch.Tensor:
 
 def _window_part(q, k, v, valid, window: int, causal: bool, scale: float):
     """Blocked sliding-window logits ``s [B, H, n, W, K]`` (n = ceil(L / W) query blocks of W, K = 2W keys
-    causal, 3W non-causal), the mask of the keys inside each query's window, and the key blocks' values
+    causal, 3W non-causal) with -inf on the keys outside each query's window, and the key blocks' values
     ``[B, H, n, K, Dv]``, so that ``exp(s - m) @ values`` is the window numerator of every query."""
     b, h, length, _ = q.shape
     n = -(-length // window)
@@ -100,13 +100,14 @@ def _window_part(q, k, v, valid, window: int, causal: bool, scale: float):
     kb, vb = _blocks(k, n, window, causal), _blocks(v, n, window, causal)  # [B, H, n, K, d]
     vk = F.pad(valid.view(b, n, window), (0, 0, 1, 1), value=False)  # [B, n+2, W]
     valid_b = torch.cat([vk[:, 0:n], vk[:, 1 : n + 1]] + ([] if causal else [vk[:, 2 : n + 2]]), dim=2)  # [B, n, K]
-    s = scale * torch.matmul(q.view(b, h, n, window, -1), kb.transpose(-1, -2))  # [B, H, n, W, K]
     r = torch.arange(window, device=q.device)[:, None]
     c = torch.arange(kb.shape[3], device=q.device)[None, :]
     diff = window + r - c  # query position minus key position
     band = (diff >= 0) & (diff < window) if causal else diff.abs() < window
-    inside = band & valid_b[:, None, :, None, :]
-    return s, inside, vb
+    inside = band & valid_b[:, None, :, None, :]  # [B, 1, n, W, K]
+    bias = torch.zeros(inside.shape, dtype=q.dtype, device=q.device).masked_fill_(~inside, float("-inf"))
+    s = torch.matmul(q.view(b, h, n, window, -1), kb.transpose(-1, -2)).mul_(scale).add_(bias)
+    return s, vb
 
 
 def _taylor_beyond(q, k, v, shift: int, scale: float, key_padding_mask, backend: str):
@@ -177,19 +178,17 @@ def hybrid_attention(
         num_f, den_f = num_f + flip(num_r), den_f + flip(den_r)
 
     # window part, blocked; rows stabilized by m (the window's max logit, at least 0 where a Taylor key exists)
-    s, inside, vb = _window_part(q, k, v, valid, window, causal, scale)
+    s, vb = _window_part(q, k, v, valid, window, causal, scale)
     n = s.shape[2]
-    m = torch.where(inside, s, torch.full_like(s, float("-inf"))).amax(-1).detach()  # [B, H, n, W]
-    m = m.reshape(b, h, n * window)[:, :, :length]
+    m = s.detach().amax(-1).reshape(b, h, n * window)[:, :, :length]  # -inf where the window is empty
     has_far = den_f > 0
     m = torch.where(has_far, m.clamp_min(0.0), torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
-    m_b = F.pad(m, (0, n * window - length)).view(b, h, n, window, 1)
-    p = torch.where(inside, torch.exp(s - m_b), torch.zeros_like(s))
+    p = torch.exp(s - F.pad(m, (0, n * window - length)).view(b, h, n, window, 1))  # 0 outside the window
     num_w = torch.matmul(p, vb).reshape(b, h, n * window, -1)[:, :, :length]
     den_w = p.sum(-1).reshape(b, h, n * window)[:, :, :length]
     far_scale = torch.exp(-m.clamp_min(0.0))  # <= 1; multiplies Z_f = 0 exactly where there is no Taylor key
     num = num_w + far_scale.unsqueeze(-1) * num_f
     den = den_w + far_scale * den_f
     ok = den > 0
-    out = torch.where(ok.unsqueeze(-1), num / torch.where(ok, den, torch.ones_like(den)).unsqueeze(-1), torch.zeros_like(num))
+    out = num / torch.where(ok, den, torch.ones_like(den)).unsqueeze(-1)  # num = 0 where den = 0
     return out.to(out_dtype)
