@@ -319,3 +319,19 @@ def test_q1_main_writes_tables(tmp_path):
         assert (out / png).read_bytes().startswith(PNG_MAGIC)
     stored = json.loads((out / "q1_analysis.json").read_text())
     assert math.isclose(stored["error_vs_scale"][0]["alpha"], 0.01)
+
+
+# ---------------------------------------------------------------------------------------------------- hybrid
+
+
+def test_hybrid_scaling_runs_and_writes_tables(tmp_path):
+    from bench import hybrid_scaling
+
+    out = tmp_path / "hybrid"
+    hybrid_scaling.main(["--lengths", "64,128", "--repeats", "1", "--heads", "1", "--out", str(out)])
+    data = json.loads(out.with_suffix(".json").read_text())
+    impls = {r["impl"] for r in data["rows"]}
+    assert {"hybrid_cpu (W=64)", "taylor_cpu", "softmax_sdpa"} <= impls
+    assert all(r["ms"] > 0 for r in data["rows"]) and len(data["rows"]) == 2 * 3 * 2
+    md = out.with_suffix(".md").read_text()
+    assert "| hybrid_cpu (W=64) |" in md and "exponent" in md and "CPU:" in md
