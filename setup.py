@@ -90,6 +90,24 @@ def _extension():
     return CppExtension("linattn_cuda._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
 
 
+class _BuildExtension(BuildExtension):
+    """torch's BuildExtension, but an in-place (editable) build replaces ``linattn_cuda/_C*.so`` atomically.
+
+    setuptools copies the new library over the old file in place (truncate, then write); a Python process
+    that has the old one loaded (a training run, a test session) then crashes with SIGBUS on its next page
+    fault. Writing a temporary file beside it and renaming it over the old one leaves loaded copies intact.
+    """
+
+    def copy_file(self, infile, outfile, *args, **kwargs):
+        if not str(outfile).endswith((".so", ".pyd", ".dylib")) or self.dry_run:
+            return super().copy_file(infile, outfile, *args, **kwargs)
+        tmp = f"{outfile}.tmp-{os.getpid()}"
+        shutil.copyfile(infile, tmp)
+        shutil.copymode(infile, tmp)
+        os.replace(tmp, outfile)
+        return outfile, 1
+
+
 setup(
     name="linattn_cuda",
     version="0.1.0",
@@ -102,6 +120,6 @@ setup(
         "bench": ["pytest-benchmark>=4", "matplotlib", "numpy"],
     },
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,
 )

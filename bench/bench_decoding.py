@@ -2,10 +2,15 @@
 
     python bench/bench_decoding.py                      # course sizes (width 200, 2 heads, 98 steps, 1377 frames)
     python bench/bench_decoding.py --batch 16 --device cuda --json out.json
+    python bench/bench_decoding.py --decoders transformer,taylor,hybrid,hybrid:taylor --frames 1000 --no-train
+
+``--decoders``: comma-separated ``lstm``, ``transformer``, ``taylor``, ``hybrid``; ``NAME:softmax`` / ``NAME:taylor`` sets
+that decoder's cross-attention (``hybrid:taylor``: hybrid self-attention, Taylor cross-attention).
 
 Decoding (tokens/s = batch * steps / seconds, median of --repeats, after one warm-up run):
   * ``<decoder> cached``: one token per step through the decoder's cache (LSTM state, softmax key/value cache,
-    Taylor recurrent state; cross-attention keys/values or Taylor state computed once).
+    Taylor recurrent state, the hybrid's window + Taylor state; cross-attention keys/values or Taylor state
+    computed once). ``--valid-frames N`` masks the encoder frames beyond N (as training with --mask-padding).
   * ``<decoder> re-feed``: the course's procedure, the whole prefix through the decoder at every step.
 Training: one AdamW step (forward, backward, update) of the full model (encoder + decoder) on a batch of
 ``--train-batch`` clips of ``--frames`` frames, median of --repeats; ``--train-decoder-only`` times the decoder
@@ -50,7 +55,13 @@ def _time(fn, device, repeats):
 def machine(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    name = platform.processor() or platform.machine()
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
 
 
 def main(argv=None) -> dict:
@@ -66,6 +77,9 @@ def main(argv=None) -> dict:
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     p.add_argument("--decoders", default="lstm,transformer,taylor")
+    p.add_argument("--window", type=int, default=64, help="hybrid decoder's softmax window")
+    p.add_argument("--valid-frames", type=int, default=None,
+                   help="mask encoder frames beyond ceil(N/2) in cross-attention (default: no mask, as the course)")
     p.add_argument("--backend", default="auto", help="linattn_cuda backend of the Taylor decoder")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -75,16 +89,22 @@ def main(argv=None) -> dict:
            "frames": args.frames, "decode": {}, "train_step_seconds": {}}
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if (args.amp and device.type == "cuda") else torch.autocast("cpu", enabled=False)
     memory = torch.randn(args.batch, (args.frames - 1) // 2 + 1, args.width, device=device)
+    memory_mask = None
+    if args.valid_frames is not None:
+        valid = (args.valid_frames - 1) // 2 + 1
+        memory_mask = (torch.arange(memory.shape[1], device=device) >= valid)[None].expand(args.batch, -1)
     print(f"# {out['machine']} | torch {torch.__version__} | backend {args.backend} | batch {args.batch}, {args.steps} steps, "
           f"{memory.shape[1]} encoder frames, width {args.width}", flush=True)
     print("| decoder | decoding | tokens/s | seconds |\n|---|---|---|---|", flush=True)
     for name in args.decoders.split(","):
-        cfg = ModelConfig(decoder=name, width=args.width, mlp=2 * args.width, max_frames=args.frames, feature_dim=args.feature_dim,
-                          backend=args.backend)
+        decoder, _, cross = name.partition(":")
+        cfg = ModelConfig(decoder=decoder, width=args.width, mlp=2 * args.width, max_frames=args.frames, feature_dim=args.feature_dim,
+                          backend=args.backend, cross_attention=cross or None, window=args.window, max_len=max(98, args.steps))
         model = build_model(cfg).to(device).eval()
         for cached in (True, False):
             with torch.no_grad(), amp:
-                seconds = _time(lambda: greedy_decode_memory(model.decoder, memory, steps=args.steps, use_cache=cached), device, args.repeats)
+                seconds = _time(lambda: greedy_decode_memory(model.decoder, memory, steps=args.steps, use_cache=cached,
+                                                             memory_mask=memory_mask), device, args.repeats)
             key = f"{name} {'cached' if cached else 're-feed'}"
             rate = args.batch * args.steps / seconds
             out["decode"][key] = {"tokens_per_s": rate, "seconds": seconds}
@@ -93,6 +113,15 @@ def main(argv=None) -> dict:
     if base and "taylor cached" in out["decode"]:
         out["taylor_cached_speedup_vs_transformer_refeed"] = base / out["decode"]["taylor cached"]["seconds"]
         print(f"\ntaylor cached vs transformer re-feed: {out['taylor_cached_speedup_vs_transformer_refeed']:.1f}x", flush=True)
+    out["speedup"] = {}
+    for ref in ("transformer cached", "transformer re-feed"):
+        if ref not in out["decode"]:
+            continue
+        for key, row in out["decode"].items():
+            if key.endswith(" cached") and not key.startswith("transformer "):
+                ratio = out["decode"][ref]["seconds"] / row["seconds"]
+                out["speedup"][f"{key} vs {ref}"] = ratio
+                print(f"{key} vs {ref}: {ratio:.2f}x", flush=True)
     if not args.no_train:
         print("\n| decoder | train step (s), batch %d, %d frames |\n|---|---|" % (args.train_batch, args.frames), flush=True)
         feats = torch.randn(args.train_batch, 80, args.frames, device=device)

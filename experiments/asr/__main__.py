@@ -14,8 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .models import ATTENTION_KINDS, DECODERS, ModelConfig
-from .train import TrainConfig
+from .models import ATTENTION_KINDS, CROSS_ATTENTION_KINDS, DECODERS, ModelConfig
+from .train import MASK_PADDING, TrainConfig
 
 
 def _optional_int(text: str):
@@ -30,8 +30,16 @@ def _train_parser(sub) -> None:
     p.add_argument("--decoder", choices=DECODERS, default=m.decoder)
     p.add_argument("--encoder-attention", choices=ATTENTION_KINDS, default=m.encoder_attention,
                    help="attention of the encoder blocks (default: the course's softmax)")
-    p.add_argument("--feature-dim", type=_optional_int, default=m.feature_dim,
-                   help="q/k dims per head of Taylor attention ('none' = head dim; default %(default)s like Based)")
+    p.add_argument("--feature-dim", type=_optional_int, default=argparse.SUPPRESS,
+                   help=f"q/k dims per head of Taylor and hybrid attention ('none' = head dim; default {m.feature_dim} like "
+                        "Based); when given, the decoder's softmax attention takes it too (fair ablation: softmax with "
+                        "Taylor's q/k width); not given, softmax keeps the head dim (the course)")
+    p.add_argument("--cross-attention", choices=CROSS_ATTENTION_KINDS, default=None,
+                   help="decoder cross-attention (default: taylor for --decoder taylor, softmax otherwise)")
+    p.add_argument("--window", type=int, default=m.window, help="hybrid decoder: keys of the exact softmax window")
+    p.add_argument("--mask-padding", choices=MASK_PADDING, default=TrainConfig.mask_padding,
+                   help="mask padded encoder frames: auto (default) = on whenever a Taylor/hybrid attention is involved, "
+                        "off (the course) otherwise")
     p.add_argument("--backend", default=m.backend, help="linattn_cuda backend of Taylor attention")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=d.data_dir, help="LJ Speech is downloaded/extracted below this folder")
@@ -70,7 +78,9 @@ def _train_parser(sub) -> None:
 def _config(args) -> TrainConfig:
     model = ModelConfig(decoder=args.decoder, encoder_attention=args.encoder_attention, n_mels=args.n_mels,
                         width=args.width, heads=args.heads, mlp=args.mlp, encoder_layers=args.encoder_layers,
-                        feature_dim=args.feature_dim, backend=args.backend)
+                        backend=args.backend, cross_attention=args.cross_attention, window=args.window)
+    if hasattr(args, "feature_dim"):  # given: Taylor/hybrid and the decoder's softmax attention
+        model.feature_dim = model.softmax_feature_dim = args.feature_dim
     keys = set(TrainConfig.__dataclass_fields__) - {"model"}
     values = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     if isinstance(values.get("sha256"), str) and values["sha256"].lower() == "none":
@@ -85,9 +95,15 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default="data")
     p.add_argument("--url", default=TrainConfig.url)
     p.add_argument("--checksum", default=TrainConfig.sha256, help="expected sha256 ('none' to skip)")
-    p = sub.add_parser("synth", help="write a synthetic corpus in LJ Speech layout")
+    p = sub.add_parser("synth", help="write a synthetic corpus in LJ Speech layout (tones, or espeak-ng speech)")
     p.add_argument("--out", required=True)
+    p.add_argument("--engine", choices=("tones", "espeak"), default="tones",
+                   help="tones: one tone per character (fast tests); espeak: real English sentences spoken by espeak-ng")
     p.add_argument("--clips", type=int, default=200)
+    p.add_argument("--voices", default=None, help="espeak: comma-separated espeak-ng voices (default: experiments.asr.espeak.VOICES)")
+    p.add_argument("--rates", default=None, help="espeak: comma-separated speaking rates, words per minute (default 130,150,170,190)")
+    p.add_argument("--min-seconds", type=float, default=1.0, help="espeak: shortest clip (a shorter one is spoken slower)")
+    p.add_argument("--max-seconds", type=float, default=8.0, help="espeak: longest clip (a longer one is spoken faster)")
     p.add_argument("--min-words", type=int, default=2)
     p.add_argument("--max-words", type=int, default=4)
     p.add_argument("--char-seconds", type=float, default=0.05)
@@ -108,6 +124,15 @@ def main(argv=None) -> int:
 
         sha = None if args.checksum and args.checksum.lower() == "none" else args.checksum
         print(prepare_ljspeech(Path(args.data_dir), url=args.url, sha256=sha))
+    elif args.command == "synth" and args.engine == "espeak":
+        from .espeak import RATES, VOICES, make_espeak_corpus
+
+        out = make_espeak_corpus(Path(args.out), clips=args.clips, seed=args.seed,
+                                 voices=args.voices.split(",") if args.voices else VOICES,
+                                 rates=[int(r) for r in args.rates.split(",")] if args.rates else RATES,
+                                 min_seconds=args.min_seconds, max_seconds=args.max_seconds)
+        print(out)
+        print((out / "corpus.json").read_text(), end="")
     elif args.command == "synth":
         from .synthetic import make_corpus
 

@@ -43,7 +43,7 @@ SPLITS = ("train", "validation", "test")
 __all__ = [
     "LJSPEECH_URL", "LJSPEECH_SHA256", "Clip", "UnsafeArchiveError", "ChecksumError", "download",
     "sha256_of", "verify_checksum", "safe_extract", "prepare_ljspeech", "read_metadata", "split_ranges",
-    "load_wav", "FeatureStore", "ASRDataset",
+    "load_wav", "FeatureStore", "ASRDataset", "collate",
 ]
 
 
@@ -299,7 +299,11 @@ class FeatureStore:
 
 
 class ASRDataset(torch.utils.data.Dataset):
-    """``(features [n_mels, max_frames], tokens [max_chars + 2], index)`` of the clips ``indices``."""
+    """``(features [n_mels, max_frames], tokens [max_chars + 2], index, frames)`` of the clips ``indices``.
+
+    ``frames``: the clip's valid (unpadded) feature frames after the crop to ``max_frames``, for the model's
+    padding mask; batch with :func:`collate`.
+    """
 
     def __init__(self, store: FeatureStore, clips: Sequence[Clip], indices: Sequence[int], tokenizer: Tokenizer) -> None:
         if len(store) != len(clips):
@@ -310,6 +314,20 @@ class ASRDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def frames(self, i: int) -> int:
+        """Valid feature frames of item ``i`` (its clip's frames, cropped to ``max_frames``)."""
+        return min(self.store.frames(self.indices[i]), self.front.config.max_frames)
+
     def __getitem__(self, i: int):
         j = self.indices[i]
-        return self.front.pad(self.store[j]), self.tokenizer.encode(self.clips[j].normalized), j
+        return self.front.pad(self.store[j]), self.tokenizer.encode(self.clips[j].normalized), j, self.frames(i)
+
+
+def collate(batch):
+    """``ASRDataset`` items -> ``(features [B, n_mels, T], tokens [B, L], index [B], lengths [B])`` (``lengths``:
+    valid feature frames per clip, long)."""
+    if not batch:
+        raise ValueError("collate: empty batch")
+    feats, tokens, index, frames = zip(*batch)
+    return (torch.stack(feats), torch.stack(tokens), torch.as_tensor(index, dtype=torch.long),
+            torch.as_tensor(frames, dtype=torch.long))

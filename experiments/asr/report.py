@@ -1,7 +1,7 @@
 """Run outputs: results JSON, the course-style results table, example predictions, plots.
 
 A run folder gets ``results.json``, ``results.md`` (loss, Jaccard, cosine and Damerau-Levenshtein for the
-test set and the last validation epoch), ``examples.md`` (predictions next to targets),
+test set and the last validation epoch, the padding mask setting, training and total wall seconds), ``examples.md`` (predictions next to targets),
 ``predictions.tsv`` (every test clip) and ``plots/`` (train/validation loss, each similarity per epoch).
 ``combine`` puts several runs into one table (``python -m experiments.asr report RUN...``).
 """
@@ -13,25 +13,55 @@ from typing import Iterable, List
 
 from .metrics import METRIC_LABELS, METRICS
 
-__all__ = ["results_table", "examples_table", "plot_history", "write_run", "combine"]
+__all__ = ["results_table", "run_name", "mask_label", "examples_table", "plot_history", "write_run", "combine"]
 
 COLUMNS = ("loss", *METRICS)
 
 
-def _row(name: str, split: str, values: dict) -> str:
-    return "| " + " | ".join([name, split] + [f"{values[k]:.3f}" for k in COLUMNS]) + " |"
+def _row(name: str, split: str, values: dict, extra) -> str:
+    return "| " + " | ".join([name, split] + [f"{values[k]:.3f}" for k in COLUMNS] + list(extra)) + " |"
+
+
+def run_name(config: dict) -> str:
+    """Decoder and the attention choices that differ from its default (encoder, cross-attention, q/k width, window)."""
+    model = config["model"]
+    decoder = model["decoder"]
+    parts = []
+    if model.get("encoder_attention") == "taylor":
+        parts.append("Taylor encoder")
+    cross = model.get("cross_attention")
+    if decoder == "hybrid" or (cross and cross != ("taylor" if decoder == "taylor" else "softmax")):
+        parts.append(f"{cross or 'softmax'} cross-attention")
+    if decoder == "hybrid":
+        parts.append(f"window {model.get('window', 64)}")
+    if model.get("softmax_feature_dim") and decoder in ("lstm", "transformer", "hybrid"):
+        parts.append(f"softmax q/k {model['softmax_feature_dim']}")
+    return decoder + (f" ({', '.join(parts)})" if parts else "")
+
+
+def mask_label(config: dict) -> str:
+    """``on`` / ``off`` (the resolved padding mask) and the requested setting when it was ``auto``."""
+    masked = config.get("masked")
+    requested = config.get("mask_padding", "off")
+    if masked is None:  # a run from before padding masks: nothing was masked
+        return "off"
+    return ("on" if masked else "off") + (" (auto)" if requested == "auto" else "")
 
 
 def results_table(runs: Iterable[dict]) -> str:
-    header = "| Decoder | Split | " + " | ".join(METRIC_LABELS[k] for k in COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
+    """Loss and similarities (test and last validation epoch), padding mask, training and total wall time."""
+    header = ("| Decoder | Split | " + " | ".join(METRIC_LABELS[k] for k in COLUMNS)
+              + " | Padding mask | Train time (s) | Wall time (s) |")
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 5)]
     for r in runs:
-        model = r["config"]["model"]
-        name = model["decoder"] + (" (Taylor encoder)" if model.get("encoder_attention") == "taylor" else "")
-        lines.append(_row(name, "Test", r["test"]))
+        name, mask = run_name(r["config"]), mask_label(r["config"])
+        train_s = r.get("train_seconds_total")
+        wall_s = r.get("wall_seconds")
+        fmt = lambda x: f"{x:.0f}" if x is not None else ""  # noqa: E731
+        lines.append(_row(name, "Test", r["test"], [mask, fmt(train_s), fmt(wall_s)]))
         if r["history"]:
             last = r["history"][-1]
-            lines.append(_row(name, f"Validation (epoch {last['epoch']})", last["validation"]))
+            lines.append(_row(name, f"Validation (epoch {last['epoch']})", last["validation"], [mask, "", ""]))
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,11 @@
   ``SequentialLR(LinearLR(0.01 -> 1, 2), LinearLR(1 -> 0.01, 12))`` stepped per epoch; :func:`lr_factor`).
 * Validation every epoch and test at the end: teacher-forced loss and the greedy-decoding similarities
   (:mod:`.metrics`); greedy decoding uses the decoder's cache.
+* Padding (``mask_padding``): ``on`` gives the model each clip's valid frame count, so the encoder
+  self-attention, the decoder cross-attention and the decoding caches ignore the padded frames; ``off`` is
+  the course (nothing masked); ``auto`` (default) masks whenever a Taylor or hybrid attention is involved
+  (a padded key keeps Taylor weight >= 1/2, SPEC section 4) and keeps the course's softmax rows unmasked.
+  The resolved choice is ``masked`` in ``config.json`` and the results table.
 * A checkpoint (model, optimizer, history, RNG states) after every epoch, written atomically;
   ``resume=True`` continues from it and ends bit-identical to an uninterrupted run (the data order of
   epoch ``e`` depends only on ``seed`` and ``e``).
@@ -34,14 +39,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from .data import LJSPEECH_SHA256, LJSPEECH_URL, ASRDataset, FeatureStore, prepare_ljspeech, read_metadata, split_ranges
+from .data import LJSPEECH_SHA256, LJSPEECH_URL, ASRDataset, FeatureStore, collate, prepare_ljspeech, read_metadata, split_ranges
 from .decode import greedy_decode
 from .features import FrontEndConfig
 from .metrics import METRICS, cut_pair, sum_similarities
 from .models import ModelConfig, build_model
 from .tokenizer import Tokenizer
 
-__all__ = ["TrainConfig", "lr_factor", "train"]
+__all__ = ["TrainConfig", "MASK_PADDING", "resolve_mask_padding", "lr_factor", "train"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -81,6 +86,10 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     examples: int = 10
+    # padding: "auto" masks the padded encoder frames (encoder self-attention, decoder cross-attention, decoding
+    # caches) whenever a Taylor attention is involved and keeps the course's unmasked softmax otherwise
+    mask_padding: str = "auto"             # auto | on | off
+    masked: Optional[bool] = None          # the resolved choice (set by train(); recorded in config.json and the table)
     crash_after_epoch: Optional[int] = None  # testing aid: SIGKILL this process right after that epoch's checkpoint
 
     def as_dict(self) -> dict:
@@ -90,8 +99,20 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         d = dict(d)
         d["model"] = ModelConfig(**d.get("model", {}))
+        if "mask_padding" not in d:  # written before padding masks existed: nothing was masked
+            d["mask_padding"], d["masked"] = "off", False
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+MASK_PADDING = ("auto", "on", "off")
+
+
+def resolve_mask_padding(mask_padding: str, model: ModelConfig) -> bool:
+    """``on`` -> True, ``off`` -> False, ``auto`` -> whether the model has a Taylor (or hybrid) attention."""
+    if mask_padding not in MASK_PADDING:
+        raise ValueError(f"mask_padding must be one of {MASK_PADDING}, got {mask_padding!r}")
+    return model.uses_taylor if mask_padding == "auto" else mask_padding == "on"
 
 
 def lr_factor(epoch: int, warmup: int = 2, decay: int = 12, floor: float = 0.01) -> float:
@@ -193,6 +214,17 @@ def _autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _progress(iterable, enabled: bool, **kw):
     from tqdm.auto import tqdm
 
@@ -210,11 +242,12 @@ def evaluate(model, loader, cfg: TrainConfig, device, env: Dist, tokenizer: Toke
     count = 0
     predictions = []
     steps = cfg.max_chars + 1
-    for feats, tokens, index in _progress(loader, cfg.progress and env.main, desc=desc, leave=False):
+    for feats, tokens, index, lengths in _progress(loader, cfg.progress and env.main, desc=desc, leave=False):
         feats, tokens = feats.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+        lengths = lengths.to(device) if cfg.masked else None
         with _autocast(device, cfg.amp):
-            logits = module(feats, tokens[:, :-1])
-            decoded = greedy_decode(module, feats, steps=steps, use_cache=True)
+            logits = module(feats, tokens[:, :-1], lengths)
+            decoded = greedy_decode(module, feats, steps=steps, use_cache=True, lengths=lengths)
         totals["loss"] += _loss(logits, tokens[:, 1:], cfg.label_smoothing, "none").mean(1).sum().item()
         for k, v in sum_similarities(tokens.cpu(), decoded.cpu()).items():
             totals[k] += v
@@ -267,6 +300,7 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     else:
         device = torch.device(cfg.device)
     cfg.model.max_frames, cfg.model.max_len = cfg.max_frames, cfg.max_chars + 1
+    cfg.masked = resolve_mask_padding(cfg.mask_padding, cfg.model)
     if cfg.batch_size % env.world:
         raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({env.world})")
     run_dir = Path(cfg.run_dir)
@@ -284,7 +318,7 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     if cfg.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         saved = TrainConfig.from_dict(ckpt["config"])
-        for key in ("model", "epochs", "batch_size", "lr", "seed", "max_frames", "max_chars"):
+        for key in ("model", "epochs", "batch_size", "lr", "seed", "max_frames", "max_chars", "masked"):
             if getattr(saved, key) != getattr(cfg, key):
                 raise ValueError(f"--resume: {key} differs from the checkpoint ({getattr(saved, key)} vs {getattr(cfg, key)})")
         model.load_state_dict(ckpt["model"])
@@ -296,7 +330,8 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     if env.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if device.type == "cuda" else None)
 
-    loader_kw = {"num_workers": cfg.num_workers, "pin_memory": device.type == "cuda", "persistent_workers": False}
+    loader_kw = {"num_workers": cfg.num_workers, "pin_memory": device.type == "cuda", "persistent_workers": False,
+                 "collate_fn": collate}
     train_sampler = DistributedSampler(sets["train"], num_replicas=env.world, rank=env.rank, shuffle=True, seed=cfg.seed)
     train_loader = DataLoader(sets["train"], batch_size=cfg.batch_size // env.world, sampler=train_sampler, **loader_kw)
     eval_loaders = {
@@ -306,7 +341,8 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     if env.main:
         (run_dir / "config.json").write_text(json.dumps(cfg.as_dict(), indent=2))
         params = sum(p.numel() for p in model.parameters())
-        print(f"decoder={cfg.model.decoder} encoder_attention={cfg.model.encoder_attention} params={params:,} "
+        print(f"decoder={cfg.model.decoder} encoder_attention={cfg.model.encoder_attention} "
+              f"mask_padding={cfg.mask_padding} ({'on' if cfg.masked else 'off'}) params={params:,} "
               f"device={device} processes={env.world} train/val/test={[len(sets[s]) for s in ('train', 'validation', 'test')]}", flush=True)
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -318,11 +354,12 @@ def train(cfg: TrainConfig) -> Optional[dict]:
         model.train()
         loss_sum, batches = 0.0, 0
         bar = _progress(train_loader, cfg.progress and env.main, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
-        for feats, tokens, _ in bar:
+        for feats, tokens, _, lengths in bar:
             feats, tokens = feats.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+            lengths = lengths.to(device) if cfg.masked else None
             optimizer.zero_grad(set_to_none=True)
             with _autocast(device, cfg.amp):
-                logits = model(feats, tokens[:, :-1])
+                logits = model(feats, tokens[:, :-1], lengths)
             loss = _loss(logits, tokens[:, 1:], cfg.label_smoothing)
             loss.backward()
             optimizer.step()
@@ -348,7 +385,9 @@ def train(cfg: TrainConfig) -> Optional[dict]:
         if cfg.crash_after_epoch is not None and epoch + 1 == cfg.crash_after_epoch:
             os.kill(os.getpid(), signal.SIGKILL)
 
+    t_test = time.perf_counter()
     test, predictions = evaluate(model, eval_loaders["test"], cfg, device, env, tokenizer, desc="test", keep_predictions=True)
+    test_seconds = time.perf_counter() - t_test
     if not env.main:
         return None
     results = {
@@ -357,8 +396,11 @@ def train(cfg: TrainConfig) -> Optional[dict]:
         "test": test,
         "predictions": [{"id": clips[i].id, "target": t, "prediction": p} for i, t, p in predictions],
         "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-                    "processes": env.world, "torch": torch.__version__},
+                    "processes": env.world, "torch": torch.__version__, "cpu": _cpu_model(), "threads": torch.get_num_threads()},
         "train_seconds_total": sum(h["train_seconds"] for h in history),
+        # every epoch (training + validation) and the test pass; resume-safe (sums of recorded times)
+        "wall_seconds": sum(h["epoch_seconds"] for h in history) + test_seconds,
+        "test_seconds": test_seconds,
     }
     from .report import write_run
 

@@ -143,8 +143,9 @@ def test_synthetic_corpus_layout_and_loader(corpus, tmp_path):
     torch.testing.assert_close(store[5], front.features(*load_wav(corpus / "wavs" / f"{clips[5].id}.wav")))
 
     ds = ASRDataset(store, clips, split_ranges(len(clips))["test"], Tokenizer())
-    feats, tokens, index = ds[0]
+    feats, tokens, index, frames = ds[0]
     assert feats.shape == (80, 300) and tokens.shape == (99,) and index == 19
+    assert frames == min(store.frames(19), 300) and (feats[:, frames:] == 0).all()
     assert Tokenizer().decode(tokens, strip=True) == clips[19].normalized  # the normalized column is used
 
 

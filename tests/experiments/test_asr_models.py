@@ -2,13 +2,31 @@
 import pytest
 import torch
 
+from experiments.asr.data import collate
 from experiments.asr.decode import greedy_decode, greedy_decode_memory
 from experiments.asr.metrics import cut_pair, similarities, sum_similarities
-from experiments.asr.models import AudioEncoder, ModelConfig, SoftmaxAttention, build_attention, build_model, sinusoids
-from experiments.asr.train import lr_factor
+from experiments.asr.models import AudioEncoder, ModelConfig, SoftmaxAttention, build_attention, build_decoder, build_model, sinusoids
+from experiments.asr.train import lr_factor, resolve_mask_padding
 from linattn_cuda.nn import TaylorAttention
 
+try:
+    from linattn_cuda.nn import HybridAttention
+except ImportError:  # not in this linattn_cuda yet: the hybrid cases skip
+    HybridAttention = None
+
 SMALL = dict(n_mels=80, max_frames=64, width=32, heads=2, mlp=48, max_len=24)
+needs_hybrid = pytest.mark.skipif(HybridAttention is None, reason="linattn_cuda.nn.HybridAttention not available")
+
+# decoder cases: (id, ModelConfig fields)
+DECODER_CASES = [
+    pytest.param(dict(decoder="lstm"), id="lstm"),
+    pytest.param(dict(decoder="transformer"), id="transformer"),
+    pytest.param(dict(decoder="transformer", softmax_feature_dim=8), id="transformer-qk8"),
+    pytest.param(dict(decoder="taylor", feature_dim=8), id="taylor"),
+    pytest.param(dict(decoder="taylor", feature_dim=8, cross_attention="softmax"), id="taylor-softmax-cross"),
+    pytest.param(dict(decoder="hybrid", feature_dim=8, window=4), id="hybrid", marks=needs_hybrid),
+    pytest.param(dict(decoder="hybrid", feature_dim=8, window=4, cross_attention="taylor"), id="hybrid-taylor-cross", marks=needs_hybrid),
+]
 
 
 def test_softmax_attention_is_the_course_formula():
@@ -76,7 +94,7 @@ def test_course_sizes():
     assert taylor.self_attn.qk_dim == 16
 
 
-@pytest.mark.parametrize("decoder", ["lstm", "transformer", "taylor"])
+@pytest.mark.parametrize("decoder", ["lstm", "transformer", "taylor", pytest.param("hybrid", marks=needs_hybrid)])
 def test_decoder_forward_backward(decoder):
     torch.manual_seed(3)
     model = build_model(ModelConfig(decoder=decoder, **SMALL))
@@ -90,8 +108,9 @@ def test_decoder_forward_backward(decoder):
 
 @pytest.mark.parametrize(
     "decoder,encoder_attention",
-    [("lstm", "softmax"), ("transformer", "softmax"), ("taylor", "softmax"), ("taylor", "taylor")],
-    ids=["lstm", "transformer", "taylor", "taylor-taylor-encoder"],
+    [("lstm", "softmax"), ("transformer", "softmax"), ("taylor", "softmax"), ("taylor", "taylor"),
+     pytest.param("hybrid", "softmax", marks=needs_hybrid)],
+    ids=["lstm", "transformer", "taylor", "taylor-taylor-encoder", "hybrid"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_cached_decoding_equals_uncached(decoder, encoder_attention, dtype):
@@ -143,3 +162,119 @@ def test_metrics_follow_the_course():
     assert s["damerau_levenshtein"] == pytest.approx(0.75)  # one transposition in 4
     totals = sum_similarities(torch.tensor([[0, 9, 1], [0, 9, 1]]), torch.tensor([[0, 9, 1], [0, 5, 1]]))
     assert totals["damerau_levenshtein"] == pytest.approx(1 + 2 / 3)
+
+
+# ------------------------------------------------------------------------------------------ padding masks
+
+
+def _clips(lengths, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(80, n, generator=g) for n in lengths]
+
+
+def _batch(clips, frames):
+    """Right-pad each clip with zeros to ``frames`` (as the dataset does) and stack; lengths as collate gives them."""
+    items = [(torch.nn.functional.pad(c, (0, frames - c.shape[1])), torch.zeros(3, dtype=torch.long), i, c.shape[1])
+             for i, c in enumerate(clips)]
+    feats, _, _, lengths = collate(items)
+    return feats, lengths
+
+
+@pytest.mark.parametrize("encoder_attention", ["softmax", "taylor"])
+@pytest.mark.parametrize("fields", DECODER_CASES)
+def test_logits_do_not_depend_on_padding(fields, encoder_attention):
+    """A clip's logits with ``lengths`` equal those of the clip alone and unpadded (the ground truth), whether its
+    batch pads it to 50 or to 64 frames; without ``lengths`` the padding changes them (the test can fail)."""
+    torch.manual_seed(6)
+    model = build_model(ModelConfig(encoder_attention=encoder_attention, **{**SMALL, **fields})).eval()
+    clips = _clips([37, 50, 22, 64])  # odd and even lengths: the strided convolution's last window differs
+    tokens = torch.randint(0, 35, (1, 24))
+    with torch.no_grad():
+        alone = [model(c[None], tokens) for c in clips[:3]]  # no padding at all
+        for frames, batch in ((50, clips[:3]), (64, clips)):
+            feats, lengths = _batch(batch, frames)
+            logits = model(feats, tokens.expand(len(batch), -1), lengths)
+            for i in range(3):
+                torch.testing.assert_close(logits[i : i + 1], alone[i], atol=2e-5, rtol=1e-4)
+        feats, lengths = _batch(clips, 64)
+        unmasked = model(feats, tokens.expand(4, -1))
+        assert (unmasked[2:3] - alone[2]).abs().max() > 1e-3  # clip 2 (22 of 64 frames) sees its padding unmasked
+
+
+@pytest.mark.parametrize("encoder_attention", ["softmax", "taylor"])
+@pytest.mark.parametrize("fields", DECODER_CASES)
+def test_masked_caches_match_the_masked_forward(fields, encoder_attention):
+    """init_cache takes the same mask: step-by-step logits equal the masked teacher-forced ones, and greedy tokens
+    (cached and re-fed) do not depend on the padding."""
+    torch.manual_seed(7)
+    model = build_model(ModelConfig(encoder_attention=encoder_attention, **{**SMALL, **fields})).double().eval()
+    with torch.no_grad():
+        model.decoder.head.weight.mul_(4)
+    clips = [c.double() for c in _clips([37, 12, 64], seed=8)]
+    feats, lengths = _batch(clips, 64)
+    cached = greedy_decode(model, feats, steps=23, use_cache=True, lengths=lengths)
+    assert torch.equal(cached, greedy_decode(model, feats, steps=23, use_cache=False, lengths=lengths))
+    short, short_lengths = _batch(clips[:2], 37)
+    assert torch.equal(cached[:2], greedy_decode(model, short, steps=23, use_cache=True, lengths=short_lengths))
+    memory, mask = model.encode(feats, lengths)
+    assert mask.tolist()[1] == [False] * 6 + [True] * 26  # 12 frames -> 6 encoder frames of 32
+    full = model.decoder(cached[:, :-1], memory, mask)
+    cache = model.decoder.init_cache(memory, mask)
+    for t in range(23):
+        logits, cache = model.decoder.step(cached[:, t], cache)
+        torch.testing.assert_close(logits, full[:, t], atol=1e-6, rtol=1e-5)  # (softmax runs in float32)
+
+
+def test_lengths_are_checked():
+    model = build_model(ModelConfig(decoder="taylor", **SMALL)).eval()
+    feats = torch.zeros(2, 80, 40)
+    for bad, match in ((torch.tensor([10]), "lengths must be a 1-D tensor of 2"), (torch.tensor([10.0, 3.0]), "integers"),
+                       (torch.tensor([0, 3]), r"\[1, 40\]"), (torch.tensor([41, 3]), r"\[1, 40\]"), ([3, 4], "lengths")):
+        with pytest.raises(ValueError, match=match):
+            model(feats, torch.zeros(2, 5, dtype=torch.long), bad)
+    with pytest.raises(ValueError, match="memory_mask"):
+        greedy_decode_memory(model.decoder, torch.zeros(2, 20, 32), steps=2, memory_mask=torch.zeros(2, 19, dtype=torch.bool))
+
+
+def test_mask_padding_resolution():
+    """auto: on whenever a Taylor (or hybrid) attention is involved, off for the course's softmax models."""
+    assert not resolve_mask_padding("auto", ModelConfig(decoder="transformer"))
+    assert not resolve_mask_padding("auto", ModelConfig(decoder="lstm"))
+    assert resolve_mask_padding("auto", ModelConfig(decoder="taylor"))
+    assert resolve_mask_padding("auto", ModelConfig(decoder="hybrid"))
+    assert resolve_mask_padding("auto", ModelConfig(decoder="transformer", encoder_attention="taylor"))
+    assert resolve_mask_padding("auto", ModelConfig(decoder="lstm", cross_attention="taylor"))
+    assert resolve_mask_padding("auto", ModelConfig(decoder="taylor", cross_attention="softmax"))
+    assert resolve_mask_padding("on", ModelConfig(decoder="transformer"))
+    assert not resolve_mask_padding("off", ModelConfig(decoder="taylor"))
+    with pytest.raises(ValueError, match="mask_padding"):
+        resolve_mask_padding("yes", ModelConfig())
+
+
+def test_softmax_feature_dim_ablation_and_attention_choices():
+    """softmax_feature_dim gives the softmax decoder Taylor's q/k width; cross_attention switches the cross kind."""
+    dec = build_model(ModelConfig(decoder="transformer", softmax_feature_dim=16)).decoder
+    assert isinstance(dec.self_attn, SoftmaxAttention) and dec.self_attn.qk_dim == 16 and dec.cross.attn.qk_dim == 16
+    assert dec.self_attn.query.out_features == 2 * 16 and dec.self_attn.scale == pytest.approx(16 ** -0.5)
+    course = build_model(ModelConfig(decoder="transformer")).decoder
+    assert course.self_attn.qk_dim == 100 and course.cross.attn.qk_dim == 100
+    mixed = build_model(ModelConfig(decoder="taylor", cross_attention="softmax")).decoder
+    assert isinstance(mixed.self_attn, TaylorAttention) and isinstance(mixed.cross.attn, SoftmaxAttention)
+    assert mixed.cross.attn.qk_dim == 100  # softmax_feature_dim not given: the head dim
+    lstm = build_model(ModelConfig(decoder="lstm", cross_attention="taylor", feature_dim=8)).decoder
+    assert isinstance(lstm.cross.attn, TaylorAttention) and lstm.cross.attn.qk_dim == 8
+    with pytest.raises(ValueError, match="unknown decoder"):
+        build_decoder("gru")
+    with pytest.raises(ValueError, match="cross_attention"):
+        build_decoder("transformer", cross_attention="linear")
+    with pytest.raises(ValueError, match="encoder_attention"):
+        build_model(ModelConfig(encoder_attention="hybrid"))
+
+
+@needs_hybrid
+def test_hybrid_decoder_modules():
+    dec = build_model(ModelConfig(decoder="hybrid", window=8)).decoder
+    assert isinstance(dec.self_attn, HybridAttention) and isinstance(dec.cross.attn, SoftmaxAttention)
+    assert dec.cross.attn.qk_dim == 100  # course softmax cross-attention
+    dec = build_model(ModelConfig(decoder="hybrid", cross_attention="taylor")).decoder
+    assert isinstance(dec.cross.attn, TaylorAttention) and dec.cross.attn.qk_dim == 16

@@ -43,7 +43,11 @@ def _check_outputs(run: Path, epochs: int) -> None:
                  "plots/cosine.png", "plots/damerau_levenshtein.png", "config.json", "checkpoint.pt"):
         assert (run / name).exists(), name
     table = (run / "results.md").read_text()
-    assert "| Decoder | Split | Loss | Jaccard | Cosine | Damerau-Levenshtein |" in table and f"Validation (epoch {epochs})" in table
+    assert ("| Decoder | Split | Loss | Jaccard | Cosine | Damerau-Levenshtein | Padding mask | Train time (s) | Wall time (s) |"
+            in table and f"Validation (epoch {epochs})" in table)
+    config = json.loads((run / "config.json").read_text())
+    assert config["masked"] in (True, False) and config["mask_padding"] in ("auto", "on", "off")
+    assert f"| {'on' if config['masked'] else 'off'}" in table
 
 
 def test_short_training_run_learns_to_transcribe(tmp_path):
@@ -64,16 +68,39 @@ def test_short_training_run_learns_to_transcribe(tmp_path):
     _check_outputs(Path(cfg.run_dir), 15)
 
 
-@pytest.mark.parametrize("decoder", ["lstm", "taylor"])
+@pytest.mark.parametrize("decoder", ["lstm", "taylor", "hybrid"])
 def test_short_training_run_reduces_the_loss(corpus, tmp_path, decoder):
-    """4 epochs (36 steps) on 72 clips: the training loss falls below 60% of the first epoch's."""
+    """4 epochs (36 steps) on 72 clips: the training loss falls below 60% of the first epoch's.
+
+    ``mask_padding="auto"``: masked for taylor and hybrid (Taylor attention involved), unmasked for the LSTM.
+    """
     torch.set_num_threads(1)
     cfg = TrainConfig(run_dir=str(tmp_path / "run"), corpus_dir=str(corpus), cache_dir=str(tmp_path / "cache"),
                       model=_model(decoder), epochs=4, **TINY)
     results = train(cfg)
     first, last = results["history"][0], results["history"][-1]
     assert last["train_loss"] < 0.6 * first["train_loss"]
+    assert results["config"]["masked"] is (decoder != "lstm")
+    assert results["wall_seconds"] >= results["train_seconds_total"] > 0
     _check_outputs(Path(cfg.run_dir), 4)
+
+
+def test_cli_records_mask_padding_and_feature_dim(corpus, tmp_path):
+    """--feature-dim reaches the softmax decoder too (fair ablation); --mask-padding on masks a softmax run; the
+    choice is in config.json and the table."""
+    cache = tmp_path / "cache"
+    run = _cli(*_train_args(corpus, tmp_path / "soft", 1, cache, "--feature-dim", "8", "--mask-padding", "on"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    config = json.loads((tmp_path / "soft" / "config.json").read_text())
+    assert config["model"]["softmax_feature_dim"] == config["model"]["feature_dim"] == 8
+    assert config["mask_padding"] == "on" and config["masked"] is True
+    assert "| transformer (softmax q/k 8) | Test |" in (tmp_path / "soft" / "results.md").read_text()
+    run = _cli(*_train_args(corpus, tmp_path / "course", 1, cache, "--decoder", "transformer"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    config = json.loads((tmp_path / "course" / "config.json").read_text())
+    assert config["model"]["softmax_feature_dim"] is None and config["model"]["feature_dim"] == 16
+    assert config["mask_padding"] == "auto" and config["masked"] is False
+    assert "| off (auto) |" in (tmp_path / "course" / "results.md").read_text()
 
 
 def test_killed_and_resumed_run_is_bit_identical(corpus, tmp_path):

@@ -3,7 +3,9 @@
 Both take ``(embed_dim, num_heads, *, context_dim=None, feature_dim=None, bias=True, scale=None)`` and are
 called as ``attn(x, context=None, *, causal=False, key_padding_mask=None)``; both decode incrementally with
 ``cache = attn.init_cache(batch_size=B)`` (self) or ``attn.init_cache(context=memory)`` (cross) and
-``out_t, cache = attn.step(x_t, cache)``. :func:`build_attention` switches between them by name.
+``out_t, cache = attn.step(x_t, cache)``. :func:`build_attention` switches between them by name; it also
+builds ``"hybrid"``, :class:`linattn_cuda.nn.HybridAttention` (exact softmax over the last ``window`` keys of a
+causal self-attention, Taylor weight beyond, one normalizer; Taylor attention over a context).
 
 The softmax module is the course's (Whisper's) MHA: query/value/output projections with bias, key
 projection without, q and k each multiplied by ``d^(-1/4)`` (``d`` = q/k dim per head), softmax in
@@ -20,7 +22,7 @@ from torch import nn
 from linattn_cuda.feature_map import resolve_scale
 from linattn_cuda.nn import TaylorAttention
 
-__all__ = ["SoftmaxAttention", "KVCache", "build_attention", "ATTENTION_KINDS"]
+__all__ = ["SoftmaxAttention", "KVCache", "build_attention", "hybrid_attention_class", "ATTENTION_KINDS"]
 
 ATTENTION_KINDS = ("softmax", "taylor")
 
@@ -108,11 +110,27 @@ class SoftmaxAttention(nn.Module):
         return (out[:, 0] if squeeze else out), cache
 
 
+def hybrid_attention_class():
+    """:class:`linattn_cuda.nn.HybridAttention`, or an ImportError that says what is missing."""
+    try:
+        from linattn_cuda.nn import HybridAttention
+    except ImportError as e:
+        raise ImportError("attention 'hybrid' needs linattn_cuda.nn.HybridAttention, which this linattn_cuda does not have") from e
+    return HybridAttention
+
+
 def build_attention(kind: str, embed_dim: int, num_heads: int, *, context_dim: Optional[int] = None,
-                    feature_dim: Optional[int] = None, backend: str = "auto") -> nn.Module:
-    """``"softmax"`` -> :class:`SoftmaxAttention`, ``"taylor"`` -> :class:`linattn_cuda.nn.TaylorAttention`."""
+                    feature_dim: Optional[int] = None, window: int = 64, backend: str = "auto") -> nn.Module:
+    """``"softmax"`` -> :class:`SoftmaxAttention`, ``"taylor"`` -> :class:`linattn_cuda.nn.TaylorAttention`,
+    ``"hybrid"`` -> :class:`linattn_cuda.nn.HybridAttention` (``window``: keys of its exact softmax part).
+
+    ``feature_dim``: q/k dims per head (``None``: the head dim), for every kind.
+    """
     if kind == "softmax":
         return SoftmaxAttention(embed_dim, num_heads, context_dim=context_dim, feature_dim=feature_dim)
     if kind == "taylor":
         return TaylorAttention(embed_dim, num_heads, context_dim=context_dim, feature_dim=feature_dim, backend=backend)
-    raise ValueError(f"unknown attention kind {kind!r}; choose one of {ATTENTION_KINDS}")
+    if kind == "hybrid":
+        return hybrid_attention_class()(embed_dim, num_heads, window=window, feature_dim=feature_dim, context_dim=context_dim,
+                                        backend=backend)
+    raise ValueError(f"unknown attention kind {kind!r}; choose one of {ATTENTION_KINDS + ('hybrid',)}")

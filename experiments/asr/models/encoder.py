@@ -3,6 +3,13 @@
 Conv1d(n_mels -> W, k3, p1) -> GELU -> Conv1d(W -> W, k3, stride 2, p1) -> GELU -> + fixed sinusoidal
 positions (max timescale 3000) -> ``layers`` pre-LN blocks ``x + MHA(LN x)``, ``x + MLP(LN x)`` -> LayerNorm.
 No dropout. The attention is the course's softmax MHA or, with ``attention="taylor"``, Taylor attention.
+
+Padding. ``forward(feats, lengths)`` with ``lengths [B]`` (valid feature frames per clip) makes every valid
+output frame independent of how far the batch pads the clip: the first convolution's outputs beyond a clip's
+frames are zeroed before the strided convolution (so its last window sees zeros whether or not the batch
+pads), and the self-attention ignores the padded frames (``key_padding_mask``). A clip of ``n`` frames has
+``out_frames(n) = ceil(n / 2)`` valid output frames (:meth:`AudioEncoder.padding_mask`). Without ``lengths``
+nothing is masked (the course).
 """
 from __future__ import annotations
 
@@ -31,10 +38,10 @@ class ResidualAttentionBlock(nn.Module):
     """``x + Attn(LN x [, context])`` then ``x + MLP(LN x)`` (MLP: Linear, GELU, Linear)."""
 
     def __init__(self, width: int, heads: int, mlp: int, *, attention: str = "softmax", feature_dim: Optional[int] = None,
-                 backend: str = "auto") -> None:
+                 window: int = 64, backend: str = "auto") -> None:
         super().__init__()
         self.attn_ln = nn.LayerNorm(width)
-        self.attn = build_attention(attention, width, heads, feature_dim=feature_dim, backend=backend)
+        self.attn = build_attention(attention, width, heads, feature_dim=feature_dim, window=window, backend=backend)
         self.mlp_ln = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, mlp), nn.GELU(), nn.Linear(mlp, width))
 
@@ -67,14 +74,39 @@ class AudioEncoder(nn.Module):
         self.ln = nn.LayerNorm(width)
 
     @staticmethod
-    def out_frames(frames: int) -> int:
+    def out_frames(frames):
+        """Output frames of ``frames`` input frames (an int or a tensor of them): ``ceil(frames / 2)``."""
         return (frames - 1) // 2 + 1
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        """``[B, n_mels, T] -> [B, ceil(T / 2), width]``."""
+    @staticmethod
+    def check_lengths(lengths: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
+        if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.shape[0] != batch:
+            shape = tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__
+            raise ValueError(f"lengths must be a 1-D tensor of {batch} frame counts (one per clip), got {shape}")
+        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.is_complex():
+            raise ValueError(f"lengths must hold integers, got dtype {lengths.dtype}")
+        if batch and (int(lengths.min()) < 1 or int(lengths.max()) > frames):
+            raise ValueError(f"lengths must lie in [1, {frames}] (the padded frames of feats), got "
+                             f"[{int(lengths.min())}, {int(lengths.max())}]")
+        return lengths
+
+    def padding_mask(self, lengths: torch.Tensor, out_frames: int) -> torch.Tensor:
+        """``[B, out_frames]`` bool, True at the output frames that come from padding only."""
+        valid = self.out_frames(lengths.to(torch.long))
+        return torch.arange(out_frames, device=lengths.device)[None, :] >= valid[:, None]
+
+    def forward(self, feats: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[B, n_mels, T] -> [B, ceil(T / 2), width]``; ``lengths [B]``: valid frames per clip (see the module docstring)."""
         x = nn.functional.gelu(self.conv1(feats))
+        mask = None
+        if lengths is not None:
+            lengths = self.check_lengths(lengths, feats.shape[0], feats.shape[-1]).to(feats.device)
+            valid = torch.arange(feats.shape[-1], device=feats.device)[None, :] < lengths[:, None]
+            x = x * valid[:, None, :].to(x.dtype)
         x = nn.functional.gelu(self.conv2(x)).transpose(1, 2)
+        if lengths is not None:
+            mask = self.padding_mask(lengths, x.shape[1])
         x = x + self.positions[: x.shape[1]].to(x.dtype)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, key_padding_mask=mask)
         return self.ln(x)
