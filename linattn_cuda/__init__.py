@@ -6,6 +6,7 @@
     out = hybrid_attention(q, k, v, window=64)            # softmax in a window, Taylor beyond it
 """
 from . import nn
+from . import ops as _ops  # noqa: F401  (fake and autograd kernels of torch.ops.linattn_cuda.*, at import)
 from ._extension import extension_loaded
 from .api import taylor_attention, taylor_attention_prefill, taylor_attention_step
 from .backends import available_backends, backend_names
