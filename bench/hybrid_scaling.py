@@ -84,7 +84,8 @@ def report(rows, info, args) -> str:
         format_machine_header(info), "",
         f"B={args.batch}, H={args.heads}, D={args.d}, Dv={args.dv}, fp32, window {args.window}, median of "
         f"{args.repeats} calls, milliseconds. Command: `python -m bench.hybrid_scaling --device {args.device} "
-        f"--lengths {','.join(map(str, lengths))} --window {args.window} --backend {args.backend}`", "",
+        f"--lengths {','.join(map(str, lengths))} --window {args.window} --backend {args.backend}"
+        + (f" --threads {args.threads}" if args.threads else "") + "`", "",
     ]
     for mode in ("fwd", "fwdbwd"):
         lines += [f"## {mode}", "", "| impl | " + " | ".join(f"L={n}" for n in lengths) + " | exponent |",
@@ -109,8 +110,11 @@ def main(argv=None) -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--d", type=int, default=16)
     p.add_argument("--dv", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=str(RESULTS / "hybrid_scaling"))
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lengths = [int(x) for x in args.lengths.split(",") if x]
     rows = run(args.device, lengths, args.window, args.backend, args.repeats, args.batch, args.heads, args.d, args.dv)
     info = machine_info(args.device)
