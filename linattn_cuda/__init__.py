@@ -8,7 +8,13 @@
 from . import nn
 from . import ops as _ops  # noqa: F401  (fake and autograd kernels of torch.ops.linattn_cuda.*, at import)
 from ._extension import extension_loaded
-from .api import taylor_attention, taylor_attention_prefill, taylor_attention_step
+from .api import (
+    taylor_attention,
+    taylor_attention_prefill,
+    taylor_attention_prefill_varlen,
+    taylor_attention_step,
+    taylor_attention_varlen,
+)
 from .backends import available_backends, backend_names
 from .feature_map import feature_dim, taylor_feature_map
 from .hybrid import hybrid_attention
@@ -20,6 +26,8 @@ __all__ = [
     "taylor_attention",
     "taylor_attention_prefill",
     "taylor_attention_step",
+    "taylor_attention_varlen",
+    "taylor_attention_prefill_varlen",
     "hybrid_attention",
     "taylor_feature_map",
     "feature_dim",

@@ -41,43 +41,139 @@ def check_key_padding_mask(mask: Optional[torch.Tensor], batch: int, key_len: in
         raise ValueError(f"key_padding_mask must be on the same device as q ({device}), got {mask.device}")
 
 
-def check_attention_inputs(q, k, v, *, causal: bool, key_padding_mask=None) -> None:
+def check_kv_heads(q, k, v, *, enable_gqa: bool, packed: bool = False) -> int:
+    """The key/value heads Hkv (dim 1): H without ``enable_gqa``, else a divisor of H (query head h reads
+    key/value head h // (H // Hkv), as in SDPA). Dense [B, H, ...]: the batch sizes must agree too; packed
+    [T, H, ...]: dim 0 is a token count (checked by the caller)."""
+    head = 1
+    h, hk = q.shape[head], k.shape[head]
+    lead_q, lead_k, lead_v = ((), (), ()) if packed else (tuple(q.shape[:1]), tuple(k.shape[:1]), tuple(v.shape[:1]))
+    sizes = "head count" if packed else "batch and head sizes"
+
+    def fmt(*sizes_):
+        return ", ".join(map(str, sizes_))
+
+    if not enable_gqa:
+        if lead_k != lead_q or hk != h:
+            raise ValueError(
+                f"k must have the {sizes} of q ({fmt(*lead_q, h)}), got shape {tuple(k.shape)} "
+                "(for fewer key/value heads than query heads pass enable_gqa=True)"
+            )
+        if lead_v != lead_q or v.shape[head] != h:
+            raise ValueError(f"v must have the {sizes} of q ({fmt(*lead_q, h)}), got shape {tuple(v.shape)}")
+        return h
+    if lead_k != lead_q:
+        raise ValueError(f"k must have the batch size of q ({fmt(*lead_q)}), got shape {tuple(k.shape)}")
+    if not (hk == h or (hk > 0 and h % hk == 0)):
+        raise ValueError(
+            f"enable_gqa=True needs the query heads of q ({h}) to be a multiple of the key/value heads of k ({hk}), "
+            f"got shapes {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    if lead_v != lead_k or v.shape[head] != hk:
+        raise ValueError(f"v must have the {sizes} of k ({fmt(*lead_k, hk)}), got shape {tuple(v.shape)}")
+    return hk
+
+
+def check_attention_inputs(q, k, v, *, causal: bool, key_padding_mask=None, enable_gqa: bool = False) -> None:
     _check_tensor("q", q, 4, "[B, H, Lq, D]")
-    _check_tensor("k", k, 4, "[B, H, Lk, D]")
-    _check_tensor("v", v, 4, "[B, H, Lk, Dv]")
+    _check_tensor("k", k, 4, "[B, Hkv, Lk, D]" if enable_gqa else "[B, H, Lk, D]")
+    _check_tensor("v", v, 4, "[B, Hkv, Lk, Dv]" if enable_gqa else "[B, H, Lk, Dv]")
     _check_same("k", k, q, "q")
     _check_same("v", v, q, "q")
     b, h, lq, d = q.shape
-    if k.shape[0] != b or k.shape[1] != h:
-        raise ValueError(f"k must have the batch and head sizes of q ({b}, {h}), got shape {tuple(k.shape)}")
-    if v.shape[0] != b or v.shape[1] != h:
-        raise ValueError(f"v must have the batch and head sizes of q ({b}, {h}), got shape {tuple(v.shape)}")
+    check_kv_heads(q, k, v, enable_gqa=enable_gqa)
     if k.shape[3] != d:
         raise ValueError(f"k must have the feature dim D of q ({d}), got shape {tuple(k.shape)}")
     if v.shape[2] != k.shape[2]:
         raise ValueError(f"v must have the length Lk of k ({k.shape[2]}), got shape {tuple(v.shape)}")
     if d < 1:
         raise ValueError("q and k must have a feature dim D >= 1")
-    if causal and lq != k.shape[2]:
-        raise ValueError(f"causal attention needs Lq == Lk, got q length {lq} and k length {k.shape[2]}")
+    check_causal_lengths(causal, lq, k.shape[2])
     check_key_padding_mask(key_padding_mask, b, k.shape[2], q.device)
 
 
-def check_step_inputs(q, k, v, state) -> None:
+def check_causal_lengths(causal: bool, lq: int, lk: int, where: str = "") -> None:
+    if causal and lq > lk:
+        raise ValueError(
+            f"causal attention needs Lq <= Lk (end-aligned: query i sees keys j <= i + Lk - Lq), "
+            f"got q length {lq} and k length {lk}{where}"
+        )
+
+
+MAX_TOKENS = 2**31 - 1  # cu_seqlens are int32
+
+
+def check_cu_seqlens(name: str, cu, total: int, device, *, check_values: bool = True):
+    """cu_seqlens: int32 [N + 1] on q's device, 0 = cu[0] <= cu[1] <= ... <= cu[N] = total. Returns the
+    per-sequence lengths as a list when ``check_values`` (reads the values: one host sync on a GPU), else None."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 tensor of shape [N + 1], got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must have dtype torch.int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{name} must have shape [N + 1] (N sequences), got {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on the same device as q ({device}), got {cu.device}")
+    if total > MAX_TOKENS:
+        raise ValueError(f"{name}: at most 2^31 - 1 tokens are supported (int32 offsets), got {total}")
+    if not check_values:
+        return None
+    values = cu.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {values[0]}")
+    for i in range(1, len(values)):
+        if values[i] < values[i - 1]:
+            raise ValueError(f"{name} must be non-decreasing, got {values[i - 1]} then {values[i]} at index {i}")
+    if values[-1] != total:
+        raise ValueError(f"{name} must end at the number of tokens ({total}), got {values[-1]}")
+    return [values[i + 1] - values[i] for i in range(len(values) - 1)]
+
+
+def check_varlen_inputs(q, k, v, cu_q, cu_k, *, causal: bool, enable_gqa: bool = False) -> int:
+    """Packed varlen inputs q [Tq, H, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv] and their cu_seqlens; returns N.
+    The values of cu_seqlens are checked except while torch.compile traces (the C++ kernels check them too)."""
+    _check_tensor("q", q, 3, "[Tq, H, D]")
+    _check_tensor("k", k, 3, "[Tk, Hkv, D]" if enable_gqa else "[Tk, H, D]")
+    _check_tensor("v", v, 3, "[Tk, Hkv, Dv]" if enable_gqa else "[Tk, H, Dv]")
+    _check_same("k", k, q, "q")
+    _check_same("v", v, q, "q")
+    check_kv_heads(q, k, v, enable_gqa=enable_gqa, packed=True)
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"k must have the feature dim D of q ({q.shape[2]}), got shape {tuple(k.shape)}")
+    if v.shape[0] != k.shape[0]:
+        raise ValueError(f"v must have the token count Tk of k ({k.shape[0]}), got shape {tuple(v.shape)}")
+    if q.shape[2] < 1:
+        raise ValueError("q and k must have a feature dim D >= 1")
+    values = not torch.compiler.is_compiling()
+    lq = check_cu_seqlens("cu_seqlens_q", cu_q, q.shape[0], q.device, check_values=values)
+    lk = check_cu_seqlens("cu_seqlens_k", cu_k, k.shape[0], q.device, check_values=values)
+    if cu_k.shape[0] != cu_q.shape[0]:
+        raise ValueError(
+            f"cu_seqlens_k must have the length of cu_seqlens_q ({cu_q.shape[0]}: N + 1), got {cu_k.shape[0]}"
+        )
+    if values and causal:
+        for n, (a, b) in enumerate(zip(lq, lk)):
+            check_causal_lengths(True, a, b, f" in sequence {n}")
+    return cu_q.shape[0] - 1
+
+
+def check_step_inputs(q, k, v, state, *, enable_gqa: bool = False) -> None:
     _check_tensor("q", q, 3, "[B, H, D]")
-    _check_tensor("k", k, 3, "[B, H, D]")
-    _check_tensor("v", v, 3, "[B, H, Dv]")
+    _check_tensor("k", k, 3, "[B, Hkv, D]" if enable_gqa else "[B, H, D]")
+    _check_tensor("v", v, 3, "[B, Hkv, Dv]" if enable_gqa else "[B, H, Dv]")
     _check_same("k", k, q, "q")
     _check_same("v", v, q, "q")
     b, h, d = q.shape
-    if tuple(k.shape) != (b, h, d):
+    if not enable_gqa and tuple(k.shape) != (b, h, d):
         raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:2] != q.shape[:2]:
-        raise ValueError(f"v must have the batch and head sizes of q ({b}, {h}), got shape {tuple(v.shape)}")
-    check_state(state, b, h, d, v.shape[-1], q.device)
+    hk = check_kv_heads(q, k, v, enable_gqa=enable_gqa)
+    if k.shape[2] != d:
+        raise ValueError(f"k must have the feature dim D of q ({d}), got shape {tuple(k.shape)}")
+    check_state(state, b, hk, d, v.shape[-1], q.device)
 
 
 def check_state(state, batch: int, heads: int, head_dim: int, value_dim: int, device) -> None:
+    """A TaylorState of ``batch`` sequences and ``heads`` key/value heads."""
     if not isinstance(state, tuple) or len(state) != 2:
         raise TypeError("state must be a TaylorState(kv, k_sum), as returned by taylor_attention_prefill")
     kv, k_sum = state

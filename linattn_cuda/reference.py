@@ -9,6 +9,11 @@ All forms compute the same function (SPEC section 1) and are differentiable with
 
 Inputs of half precision are computed in float32, float64 stays float64; outputs take the input dtype.
 A query with no visible unmasked key returns 0.
+
+Grouped-query attention: k and v may have Hkv heads with H % Hkv == 0 (query head h reads key/value head
+h // (H // Hkv)); the reference repeats them (the fused kernels do not). Causal attention with Lq < Lk is
+end-aligned: query i sees the keys j <= i + Lk - Lq. States always have the key/value heads.
+The ``*_varlen`` functions take packed sequences ([T, H, D] with int32 cu_seqlens) and loop over them.
 """
 from __future__ import annotations
 
@@ -28,6 +33,9 @@ __all__ = [
     "taylor_attention_step_reference",
     "empty_state",
     "zero_padded_keys",
+    "repeat_kv",
+    "taylor_attention_varlen_reference",
+    "taylor_attention_prefill_varlen_reference",
 ]
 
 
@@ -81,19 +89,26 @@ def zero_padded_keys(k, v, key_padding_mask):
     return torch.where(pad, 0.0, k), torch.where(pad, 0.0, v)
 
 
+def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, Hkv, ...] -> [B, heads, ...], key/value head j serving query heads j*G .. j*G + G - 1 (G = heads / Hkv)."""
+    hk = x.shape[1]
+    return x if hk == heads else x.repeat_interleave(heads // hk, dim=1)
+
+
 def taylor_attention_quadratic(q, k, v, *, causal=False, scale=None, key_padding_mask=None):
     """Taylor attention in the quadratic form: out_i = sum_j w_ij v_j / sum_j w_ij."""
     out_dtype = q.dtype
     acc = accumulate_dtype(q.dtype)
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
     k, v = zero_padded_keys(k, v, key_padding_mask)
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     d = q.shape[-1]
     scale = (1.0 / d**0.5) if scale is None else scale
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     w = 1.0 + s + 0.5 * s * s
-    if causal:
+    if causal:  # end-aligned: query i sees the keys j <= i + Lk - Lq
         lq, lk = q.shape[-2], k.shape[-2]
-        visible = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+        visible = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
         w = w * visible.to(acc)
     keep = _key_keep(key_padding_mask, acc)
     if keep is not None:
@@ -109,14 +124,16 @@ def taylor_attention_linear(q, k, v, *, causal=False, scale=None, key_padding_ma
     acc = accumulate_dtype(q.dtype)
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
     k, v = zero_padded_keys(k, v, key_padding_mask)
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     fq = taylor_feature_map(q, scale, symmetric)
     fk = taylor_feature_map(k, scale, symmetric)
     keep = _key_keep(key_padding_mask, acc)
     if keep is not None:
         fk = fk * keep[:, None, :, None]
-    if causal:
-        kv = torch.cumsum(fk.unsqueeze(-1) * v.unsqueeze(-2), dim=-3)  # [B,H,L,M,Dv]
-        ksum = torch.cumsum(fk, dim=-2)
+    if causal:  # end-aligned: query i reads the prefix sums up to key i + Lk - Lq
+        off = k.shape[-2] - q.shape[-2]
+        kv = torch.cumsum(fk.unsqueeze(-1) * v.unsqueeze(-2), dim=-3)[:, :, off:]  # [B,H,Lq,M,Dv]
+        ksum = torch.cumsum(fk, dim=-2)[:, :, off:]
         num = torch.einsum("bhlm,bhlmv->bhlv", fq, kv)
         den = (fq * ksum).sum(-1)
     else:
@@ -131,7 +148,8 @@ def taylor_attention_chunked(q, k, v, *, scale=None, key_padding_mask=None, chun
     """Causal Taylor attention, chunked: returns ``(out, final_state)``.
 
     Inside a chunk the quadratic form with a causal mask; across chunks the (kv, k_sum) state.
-    ``initial_state`` (a TaylorState) is the state of a preceding prefix.
+    ``initial_state`` (a TaylorState with the key/value heads) is the state of a preceding prefix. With
+    Lq < Lk (end-aligned) the first Lk - Lq keys, seen by every query, join the state before the first chunk.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -140,36 +158,44 @@ def taylor_attention_chunked(q, k, v, *, scale=None, key_padding_mask=None, chun
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
     k, v = zero_padded_keys(k, v, key_padding_mask)
     b, h, length, d = q.shape
+    hk, off = k.shape[1], k.shape[2] - length
     scale = (1.0 / d**0.5) if scale is None else scale
     keep = _key_keep(key_padding_mask, acc)
     if initial_state is None:
-        state = empty_state(b, h, d, v.shape[-1], dtype=acc, device=q.device)
+        state = empty_state(b, hk, d, v.shape[-1], dtype=acc, device=q.device)
     else:
         state = TaylorState(initial_state.kv.to(acc), initial_state.k_sum.to(acc))
     kv, ksum = state
+
+    def add(kv, ksum, start, stop):  # the state after the keys start:stop
+        fk = taylor_feature_map(k[:, :, start:stop], scale)
+        if keep is not None:
+            fk = fk * keep[:, start:stop][:, None, :, None]
+        return kv + torch.matmul(fk.transpose(-1, -2), v[:, :, start:stop]), ksum + fk.sum(-2)
+
+    if off > 0:
+        kv, ksum = add(kv, ksum, 0, off)
     outs = []
     for start in range(0, length, chunk_size):
         stop = min(start + chunk_size, length)
-        qc, kc, vc = q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop]
+        qc = q[:, :, start:stop]
+        kc, vc = repeat_kv(k[:, :, off + start : off + stop], h), repeat_kv(v[:, :, off + start : off + stop], h)
         fq = taylor_feature_map(qc, scale)
-        fk = taylor_feature_map(kc, scale)
         s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
         w = (1.0 + s + 0.5 * s * s) * torch.ones(stop - start, stop - start, device=q.device, dtype=acc).tril()
         if keep is not None:
-            kc_keep = keep[:, start:stop]
-            w = w * kc_keep[:, None, None, :]
-            fk = fk * kc_keep[:, None, :, None]
-        num = torch.matmul(fq, kv) + torch.matmul(w, vc)
-        den = torch.einsum("bhlm,bhm->bhl", fq, ksum) + w.sum(-1)
+            w = w * keep[:, off + start : off + stop][:, None, None, :]
+        num = torch.matmul(fq, repeat_kv(kv, h)) + torch.matmul(w, vc)
+        den = torch.einsum("bhlm,bhm->bhl", fq, repeat_kv(ksum, h)) + w.sum(-1)
         outs.append(_safe_divide(num, den))
-        kv = kv + torch.matmul(fk.transpose(-1, -2), vc)
-        ksum = ksum + fk.sum(-2)
+        kv, ksum = add(kv, ksum, off + start, off + stop)
     out = torch.cat(outs, dim=-2) if outs else q.new_zeros(b, h, 0, v.shape[-1])
     return out.to(out_dtype), TaylorState(kv, ksum)
 
 
 def taylor_attention_step_reference(q, k, v, state: TaylorState, *, scale=None):
-    """One decoding step. q, k: [B, H, D]; v: [B, H, Dv]. Returns ``(out [B, H, Dv], new_state)``."""
+    """One decoding step. q: [B, H, D]; k: [B, Hkv, D]; v: [B, Hkv, Dv]; state with Hkv heads.
+    Returns ``(out [B, H, Dv], new_state)``."""
     out_dtype = q.dtype
     acc = state.kv.dtype
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
@@ -177,8 +203,8 @@ def taylor_attention_step_reference(q, k, v, state: TaylorState, *, scale=None):
     fk = taylor_feature_map(k, scale)
     kv = state.kv + fk.unsqueeze(-1) * v.unsqueeze(-2)
     ksum = state.k_sum + fk
-    num = torch.einsum("bhm,bhmv->bhv", fq, kv)
-    den = (fq * ksum).sum(-1)
+    num = torch.einsum("bhm,bhmv->bhv", fq, repeat_kv(kv, q.shape[1]))
+    den = (fq * repeat_kv(ksum, q.shape[1])).sum(-1)
     return _safe_divide(num, den).to(out_dtype), TaylorState(kv, ksum)
 
 
@@ -210,3 +236,42 @@ def taylor_attention_recurrent(q, k, v, *, scale=None, key_padding_mask=None, in
         outs.append(_safe_divide(num, den))
     out = torch.stack(outs, dim=-2) if outs else q.new_zeros(b, h, 0, v.shape[-1], dtype=acc)
     return out.to(out_dtype), TaylorState(kv, ksum)
+
+
+def _sequences(x: torch.Tensor, cu: torch.Tensor):
+    """The [1, H, L, *] view of each packed sequence of x [T, H, *]."""
+    bounds = cu.tolist()
+    return [x[bounds[i] : bounds[i + 1]].transpose(0, 1).unsqueeze(0) for i in range(len(bounds) - 1)]
+
+
+def taylor_attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None):
+    """Packed sequences (q [Tq, H, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv]), one dense call per sequence."""
+    from .backends.reference import ReferenceBackend
+
+    d = q.shape[-1]
+    scale = (1.0 / d**0.5) if scale is None else scale
+    outs = []
+    for qs, ks, vs in zip(_sequences(q, cu_seqlens_q), _sequences(k, cu_seqlens_k), _sequences(v, cu_seqlens_k)):
+        out = ReferenceBackend().attention(qs, ks, vs, causal, scale, None)
+        outs.append(out[0].transpose(0, 1))
+    if not outs:
+        return q.new_zeros(0, q.shape[1], v.shape[-1])
+    return torch.cat(outs, dim=0)
+
+
+def taylor_attention_prefill_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, initial_state=None):
+    """Causal prefill of packed sequences: ``(out [Tq, H, Dv], TaylorState(kv [N, Hkv, M, Dv], k_sum [N, Hkv, M]))``."""
+    n = cu_seqlens_q.shape[0] - 1
+    d, dv = q.shape[-1], v.shape[-1]
+    acc = initial_state.kv.dtype if initial_state is not None else accumulate_dtype(q.dtype)
+    outs, kvs, ksums = [], [], []
+    parts = zip(_sequences(q, cu_seqlens_q), _sequences(k, cu_seqlens_k), _sequences(v, cu_seqlens_k))
+    for i, (qs, ks, vs) in enumerate(parts):
+        init = None if initial_state is None else TaylorState(initial_state.kv[i : i + 1], initial_state.k_sum[i : i + 1])
+        out, st = taylor_attention_chunked(qs.to(acc), ks.to(acc), vs.to(acc), scale=scale, initial_state=init)
+        outs.append(out[0].transpose(0, 1).to(q.dtype))
+        kvs.append(st.kv)
+        ksums.append(st.k_sum)
+    if n == 0:
+        return q.new_zeros(0, q.shape[1], dv), empty_state(0, k.shape[1], d, dv, dtype=acc, device=q.device)
+    return torch.cat(outs, dim=0), TaylorState(torch.cat(kvs, 0), torch.cat(ksums, 0))

@@ -23,8 +23,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -198,7 +200,7 @@ struct Shape {
 // Which algorithm and chunk size, per shape. Measured on a 2-core Xeon (Sapphire Rapids) with MKL:
 // see bench/results and the README; overridable with LINATTN_CPU_CHUNK / LINATTN_CPU_QUADRATIC_MAX.
 struct Plan {
-  bool quadratic;  // non-causal: quadratic form over all keys; causal: one chunk covering everything
+  bool quadratic;  // quadratic form over all visible keys (blocks of `chunk` queries), else the linear form
   int chunk;       // tokens per chunk
 };
 
@@ -221,8 +223,14 @@ Plan make_plan(const Shape& s, bool causal) {
   // Chunk lengths measured best on the reference machine (fwd and bwd, D=16, Dv=64, L=4096, one core).
   const int64_t chunk = env_int("LINATTN_CPU_CHUNK", causal ? 64 : 256);
   if (causal) {
+    // End-aligned (Lq < Lk): the first Lk - Lq keys are seen by every query; the quadratic form pays for them
+    // per query, the linear form once (a state), so the FLOP rule below decides when there are any.
     const int64_t quad_max = env_int("LINATTN_CPU_QUADRATIC_MAX", 256);
-    if ((form == 0 && s.lq <= quad_max) || form == 1) return {true, static_cast<int>(std::max<int64_t>(s.lq, 1))};
+    const int64_t off = s.lk - s.lq;
+    const double quad = 2.0 * s.lq * (off + 0.5 * s.lq) * (s.d + dv1);
+    const double lin = 2.0 * (s.lk + 2 * s.lq) * m * dv1;
+    const bool quadratic = form == 0 ? (s.lq <= quad_max && (off == 0 || quad <= 2.0 * lin)) : form == 1;
+    if (quadratic) return {true, static_cast<int>(std::clamp<int64_t>(s.lq, 1, 256))};
     return {false, static_cast<int>(chunk)};
   }
   // Non-causal: FLOPs of each form; the quadratic form runs closer to peak, hence the factor 2.
@@ -273,14 +281,15 @@ void normalize_rows(const T* num, int n, int dv, T* out, T* den, int ldo) {
 // this project's VM: 143 GFLOP/s for 64 x 65 x 153, 165 for 64 x 64 x 153, i.e. ~13 % slower per useful FLOP at
 // Dv + 1 = 65), and the normalizer column (z = sum of phi(k), or the row sums of P) is done by the loops below.
 
-// P = poly(S) over an n x lk block (rows ld apart; causal: zero above the diagonal), padded key columns 0,
-// and rowsum[i] = sum_j P_ij.
+// P = poly(S) over an n x lk block (rows ld apart), padded key columns 0, and rowsum[i] = sum_j P_ij.
+// causal_offset >= 0: row i sees the columns j <= i + causal_offset only (the others are set to 0); -1: all.
 template <typename T>
 LA_SIMD_CLONES
-void poly_rows(T* s, int n, int lk, int ld, bool causal, const bool* pad, T* rowsum) {
+void poly_rows(T* s, int n, int lk, int ld, int causal_offset, const bool* pad, T* rowsum) {
+  const bool causal = causal_offset >= 0;
   for (int i = 0; i < n; ++i) {
     T* __restrict__ row = s + static_cast<int64_t>(i) * ld;
-    const int end = causal ? i + 1 : lk;
+    const int end = causal ? std::min(lk, i + causal_offset + 1) : lk;
     T acc = T(0);
     if (pad == nullptr) {
 #pragma omp simd reduction(+ : acc)
@@ -357,10 +366,11 @@ void add_feature_sums(const T* __restrict__ phit, int m, int n, T* z, int ldz) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Forward for one (b, h) and the value columns [c0, c0 + s.dv) of a value matrix with rows ld apart
+// Forward for one (sequence, head) and the value columns [c0, c0 + s.dv) of a value matrix with rows ld apart
 // (v and out point at column c0; ld = s.dv unless the value columns are split across tasks, see
-// taylor_fwd_cpu). den may be null (a task that is not the first of its head). state (M x (Dv+1)) is read as
+// run_forward). den may be null (a task that is not the first of its head). state (M x (Dv+1)) is read as
 // the initial state when `has_state` and holds the final state on return when `want_state` (causal only).
+// Causal with Lq < Lk is end-aligned: query i sees the keys j <= i + Lk - Lq.
 template <typename T>
 void forward_one(const T* q, const T* k, const T* v, const bool* pad, T* out, T* den, const Shape& s, bool causal,
                  double scale, const Plan& plan, T* state, bool has_state, bool want_state, int ld) {
@@ -369,9 +379,10 @@ void forward_one(const T* q, const T* k, const T* v, const bool* pad, T* out, T*
   const int m = fm.m;
   const T tscale = static_cast<T>(scale);
   const int lq = static_cast<int>(s.lq), lk = static_cast<int>(s.lk);
+  const int off = causal ? lk - lq : 0;  // keys every query of a causal problem sees
   // num: n x (Dv + 1) rows, the numerator in the first Dv columns and the normalizer in the last
 
-  if (!causal && plan.quadratic) {
+  if (plan.quadratic) {
     const int c = std::min(plan.chunk, lq);
     std::vector<T> vscratch(pad ? static_cast<size_t>(lk) * dv : 0), sblk(static_cast<size_t>(c) * lk),
         num(static_cast<size_t>(c) * dv1), rowsum(c);
@@ -379,9 +390,10 @@ void forward_one(const T* q, const T* k, const T* v, const bool* pad, T* out, T*
     const T* vk = key_values(v, pad, lk, dv, &ldv, vscratch.data());
     for (int r0 = 0; r0 < lq; r0 += c) {
       const int n = std::min(c, lq - r0);
-      gemm<T>(false, true, n, lk, d, tscale, q + static_cast<int64_t>(r0) * d, d, k, d, T(0), sblk.data(), lk);
-      poly_rows(sblk.data(), n, lk, lk, false, pad, rowsum.data());
-      gemm<T>(false, false, n, dv, lk, T(1), sblk.data(), lk, vk, ldv, T(0), num.data(), dv1);
+      const int kend = causal ? std::min(lk, r0 + n + off) : lk;  // the keys this block of queries sees
+      gemm<T>(false, true, n, kend, d, tscale, q + static_cast<int64_t>(r0) * d, d, k, d, T(0), sblk.data(), lk);
+      poly_rows(sblk.data(), n, kend, lk, causal ? r0 + off : -1, pad, rowsum.data());
+      gemm<T>(false, false, n, dv, kend, T(1), sblk.data(), lk, vk, ldv, T(0), num.data(), dv1);
       for (int r = 0; r < n; ++r) num[static_cast<size_t>(r) * dv1 + dv] = rowsum[r];
       normalize_rows(num.data(), n, dv, out + static_cast<int64_t>(r0) * ld, den ? den + r0 : nullptr, ld);
     }
@@ -430,21 +442,23 @@ void forward_one(const T* q, const T* k, const T* v, const bool* pad, T* out, T*
     return;
   }
 
-  bool state_nonzero = has_state;
+  // End-aligned causal: the first `off` keys are seen by every query, i.e. they are a prefix state.
+  for (int r0 = 0; r0 < off; r0 += c) add_keys(r0, std::min(c, off - r0));
+  bool state_nonzero = has_state || off > 0;
   for (int r0 = 0; r0 < lq; r0 += c) {
     const int n = std::min(c, lq - r0);
     const T* qc = q + static_cast<int64_t>(r0) * d;
-    const T* kc = k + static_cast<int64_t>(r0) * d;
-    const bool* pc = pad ? pad + r0 : nullptr;
+    const T* kc = k + static_cast<int64_t>(off + r0) * d;
+    const bool* pc = pad ? pad + off + r0 : nullptr;
     T beta = T(0);
     if (state_nonzero) {  // inter-chunk: phi(Q_c) S_aug
       read_state(r0, n);
       beta = T(1);
     }
     gemm<T>(false, true, n, n, d, tscale, qc, d, kc, d, T(0), sblk.data(), n);  // intra-chunk
-    poly_rows(sblk.data(), n, n, n, true, pc, acc.data());
+    poly_rows(sblk.data(), n, n, n, 0, pc, acc.data());
     int ldv = ld;
-    const T* vc = key_values(v + static_cast<int64_t>(r0) * ld, pc, n, dv, &ldv, vscratch.data());
+    const T* vc = key_values(v + static_cast<int64_t>(off + r0) * ld, pc, n, dv, &ldv, vscratch.data());
     gemm<T>(false, false, n, dv, n, T(1), sblk.data(), n, vc, ldv, beta, num.data(), dv1);
     for (int r = 0; r < n; ++r) {
       T& zr = num[static_cast<size_t>(r) * dv1 + dv];
@@ -452,18 +466,19 @@ void forward_one(const T* q, const T* k, const T* v, const bool* pad, T* out, T*
     }
     normalize_rows(num.data(), n, dv, out + static_cast<int64_t>(r0) * ld, den ? den + r0 : nullptr, ld);
     if (r0 + n < lq || want_state) {  // S_aug += phi(K_c)^T [V_c | 1]
-      add_keys(r0, n);
+      add_keys(off + r0, n);
       state_nonzero = true;
     }
   }
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Backward for one (b, h) and the value columns [c0, c0 + s.dv) of value matrices with rows ld apart (g, out,
-// v and dv_out point at the head's column 0; ld = s.dv unless the columns are split across tasks, see
-// taylor_bwd_cpu). dq and dk (zero-initialised by the caller) receive this block's share: dw_ij sums over the
-// value columns (and the normalizer column, which the block with `norm` carries), so the blocks' dq and dk add
-// up to the gradients; dv_out receives the block's own columns.
+// Backward for one (sequence, head) and the value columns [c0, c0 + s.dv) of value matrices with rows ld apart
+// (g, out, v and dv_out point at the head's column 0; ld = s.dv unless the columns are split across tasks, see
+// run_backward). dq, dk and dv_out (zero-initialised by the caller) receive this block's share, added: dw_ij
+// sums over the value columns (and the normalizer column, which the block with `norm` carries), so the blocks'
+// dq and dk add up to the gradients; dv_out receives the block's own columns. Adding also sums dk and dv over
+// the query heads that share a key/value head (grouped-query attention: the caller runs them one after another).
 template <typename T>
 void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pad, const T* out, const T* den,
                   T* dq, T* dk, T* dv_out, const Shape& s, bool causal, double scale, const Plan& plan, int ld = -1,
@@ -495,24 +510,33 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
     gr[dv] = -delta * inv;
   }
 
-  if (!causal && plan.quadratic) {
+  const int off = causal ? lk - lq : 0;  // end-aligned causal: query i sees the keys j <= i + off
+  if (plan.quadratic) {
     const int c = std::min(plan.chunk, lq);
     std::vector<T> vaug(static_cast<size_t>(lk) * dv1), sblk(static_cast<size_t>(c) * lk),
         dp(static_cast<size_t>(c) * lk);
     build_value_aug(v, pad, lk, dv, vaug.data(), ld, one);
     for (int r0 = 0; r0 < lq; r0 += c) {
       const int n = std::min(c, lq - r0);
+      const int kend = causal ? std::min(lk, r0 + n + off) : lk;  // the keys this block of queries sees
       const T* qc = q + static_cast<int64_t>(r0) * d;
       const T* gc = gaug.data() + static_cast<int64_t>(r0) * dv1;
-      gemm<T>(false, true, n, lk, d, tscale, qc, d, k, d, T(0), sblk.data(), lk);
-      gemm<T>(false, true, n, lk, dv1, T(1), gc, dv1, vaug.data(), dv1, T(0), dp.data(), lk);
-      for (int64_t i = 0; i < static_cast<int64_t>(n) * lk; ++i) {
-        dp[i] *= T(1) + sblk[i];  // dS
-        sblk[i] = poly(sblk[i]);  // P
+      gemm<T>(false, true, n, kend, d, tscale, qc, d, k, d, T(0), sblk.data(), lk);
+      gemm<T>(false, true, n, kend, dv1, T(1), gc, dv1, vaug.data(), dv1, T(0), dp.data(), lk);
+      for (int i = 0; i < n; ++i) {
+        T* srow = sblk.data() + static_cast<int64_t>(i) * lk;
+        T* drow = dp.data() + static_cast<int64_t>(i) * lk;
+        const int end = causal ? std::min(kend, r0 + i + off + 1) : kend;
+        for (int j = 0; j < end; ++j) {
+          drow[j] *= T(1) + srow[j];  // dS
+          srow[j] = poly(srow[j]);    // P
+        }
+        std::fill(srow + end, srow + kend, T(0));
+        std::fill(drow + end, drow + kend, T(0));
       }
-      gemm<T>(false, false, n, d, lk, tscale, dp.data(), lk, k, d, T(0), dq + static_cast<int64_t>(r0) * d, d);
-      gemm<T>(true, false, lk, d, n, tscale, dp.data(), lk, qc, d, T(1), dk, d);
-      gemm<T>(true, false, lk, dv, n, T(1), sblk.data(), lk, gc, dv1, T(1), dv_out, ld);
+      gemm<T>(false, false, n, d, kend, tscale, dp.data(), lk, k, d, T(1), dq + static_cast<int64_t>(r0) * d, d);
+      gemm<T>(true, false, kend, d, n, tscale, dp.data(), lk, qc, d, T(1), dk, d);
+      gemm<T>(true, false, kend, dv, n, T(1), sblk.data(), lk, gc, dv1, T(1), dv_out, ld);
     }
   } else if (!causal) {
     const int c = std::min<int>(plan.chunk, std::max(lq, lk));
@@ -538,7 +562,7 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
       const T* kc = k + static_cast<int64_t>(r0) * d;
       fm.features(kc, n, xt.data(), phi.data());
       build_value_aug(v + static_cast<int64_t>(r0) * ld, pad ? pad + r0 : nullptr, n, dv, vaug.data(), ld, one);
-      gemm<T>(true, false, n, dv, m, T(1), phi.data(), n, raug.data(), dv1, T(0), dv_out + static_cast<int64_t>(r0) * ld, ld);
+      gemm<T>(true, false, n, dv, m, T(1), phi.data(), n, raug.data(), dv1, T(1), dv_out + static_cast<int64_t>(r0) * ld, ld);
       gemm<T>(false, true, m, n, dv1, T(1), raug.data(), dv1, vaug.data(), dv1, T(0), u.data(), n);
       fm.backprop(xt.data(), u.data(), n, gt.data(), dk + static_cast<int64_t>(r0) * d);
     }
@@ -546,15 +570,30 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
     const int c = plan.chunk;
     std::vector<T> xt(static_cast<size_t>(c) * d), gt(static_cast<size_t>(c) * d), phi(static_cast<size_t>(c) * m), vaug(static_cast<size_t>(c) * dv1), u(static_cast<size_t>(c) * m),
         sblk(static_cast<size_t>(c) * c), dp(static_cast<size_t>(c) * c), aug(static_cast<size_t>(m) * dv1, T(0));
+    // End-aligned (off > 0): the first `off` keys, seen by every query, start the S_aug prefix; in pass 2 they
+    // take their gradients from the R_aug of all queries.
+    auto prefix_state = [&](int r0, int n) {
+      fm.features(k + static_cast<int64_t>(r0) * d, n, xt.data(), phi.data());
+      build_value_aug(v + static_cast<int64_t>(r0) * ld, pad ? pad + r0 : nullptr, n, dv, vaug.data(), ld, one);
+      gemm<T>(false, false, m, dv1, n, T(1), phi.data(), n, vaug.data(), dv1, T(1), aug.data(), dv1);
+    };
+    auto key_grads = [&](int r0, int n) {  // dk, dv of n keys at r0 from the R_aug in `aug`
+      fm.features(k + static_cast<int64_t>(r0) * d, n, xt.data(), phi.data());
+      build_value_aug(v + static_cast<int64_t>(r0) * ld, pad ? pad + r0 : nullptr, n, dv, vaug.data(), ld, one);
+      gemm<T>(true, false, n, dv, m, T(1), phi.data(), n, aug.data(), dv1, T(1), dv_out + static_cast<int64_t>(r0) * ld, ld);
+      gemm<T>(false, true, m, n, dv1, T(1), aug.data(), dv1, vaug.data(), dv1, T(0), u.data(), n);
+      fm.backprop(xt.data(), u.data(), n, gt.data(), dk + static_cast<int64_t>(r0) * d);
+    };
+    for (int r0 = 0; r0 < off; r0 += c) prefix_state(r0, std::min(c, off - r0));
     // Pass 1, forward over chunks: intra-chunk gradients and dq's inter-chunk part (S_aug prefix in `aug`).
     for (int r0 = 0; r0 < lq; r0 += c) {
       const int n = std::min(c, lq - r0);
       const T* qc = q + static_cast<int64_t>(r0) * d;
-      const T* kc = k + static_cast<int64_t>(r0) * d;
+      const T* kc = k + static_cast<int64_t>(off + r0) * d;
       const T* gc = gaug.data() + static_cast<int64_t>(r0) * dv1;
       T* dqc = dq + static_cast<int64_t>(r0) * d;
-      build_value_aug(v + static_cast<int64_t>(r0) * ld, pad ? pad + r0 : nullptr, n, dv, vaug.data(), ld, one);
-      if (r0 > 0) {
+      build_value_aug(v + static_cast<int64_t>(off + r0) * ld, pad ? pad + off + r0 : nullptr, n, dv, vaug.data(), ld, one);
+      if (r0 > 0 || off > 0) {
         gemm<T>(false, true, m, n, dv1, T(1), aug.data(), dv1, gc, dv1, T(0), u.data(), n);
         fm.transpose_in(qc, n, xt.data());
         fm.backprop(xt.data(), u.data(), n, gt.data(), dqc);
@@ -571,9 +610,10 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
         std::fill(srow + i + 1, srow + n, T(0));
         std::fill(drow + i + 1, drow + n, T(0));
       }
+      const int64_t kr = off + r0;  // the chunk's keys
       gemm<T>(false, false, n, d, n, tscale, dp.data(), n, kc, d, T(1), dqc, d);
-      gemm<T>(true, false, n, d, n, tscale, dp.data(), n, qc, d, T(1), dk + static_cast<int64_t>(r0) * d, d);
-      gemm<T>(true, false, n, dv, n, T(1), sblk.data(), n, gc, dv1, T(1), dv_out + static_cast<int64_t>(r0) * ld, ld);
+      gemm<T>(true, false, n, d, n, tscale, dp.data(), n, qc, d, T(1), dk + kr * d, d);
+      gemm<T>(true, false, n, dv, n, T(1), sblk.data(), n, gc, dv1, T(1), dv_out + kr * ld, ld);
       if (r0 + n < lq) {
         fm.features(kc, n, xt.data(), phi.data());
         gemm<T>(false, false, m, dv1, n, T(1), phi.data(), n, vaug.data(), dv1, T(1), aug.data(), dv1);
@@ -585,20 +625,14 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
     for (int r0 = last; r0 >= 0; r0 -= c) {
       const int n = std::min(c, lq - r0);
       const T* qc = q + static_cast<int64_t>(r0) * d;
-      const T* kc = k + static_cast<int64_t>(r0) * d;
-      if (r0 < last) {
-        fm.features(kc, n, xt.data(), phi.data());
-        build_value_aug(v + static_cast<int64_t>(r0) * ld, pad ? pad + r0 : nullptr, n, dv, vaug.data(), ld, one);
-        gemm<T>(true, false, n, dv, m, T(1), phi.data(), n, aug.data(), dv1, T(1), dv_out + static_cast<int64_t>(r0) * ld, ld);
-        gemm<T>(false, true, m, n, dv1, T(1), aug.data(), dv1, vaug.data(), dv1, T(0), u.data(), n);
-        fm.backprop(xt.data(), u.data(), n, gt.data(), dk + static_cast<int64_t>(r0) * d);
-      }
-      if (r0 > 0) {
+      if (r0 < last) key_grads(off + r0, n);
+      if (r0 > 0 || off > 0) {
         fm.features(qc, n, xt.data(), phi.data());
         gemm<T>(false, false, m, dv1, n, T(1), phi.data(), n, gaug.data() + static_cast<int64_t>(r0) * dv1, dv1, T(1),
                 aug.data(), dv1);
       }
     }
+    for (int r0 = 0; r0 < off; r0 += c) key_grads(r0, std::min(c, off - r0));
   }
   if (pad != nullptr) {  // padded keys get no gradient
     for (int j = 0; j < lk; ++j) {
@@ -609,53 +643,79 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
   }
 }
 
-// One decoding step of one (b, h) in a single pass over the state: read the old row, write the new one
-// (kv' = kv + phi(k) v^T, z' = z + phi(k)), accumulate out = phi(q)^T kv' / phi(q)^T z'.
+// One decoding step of one (b, key/value head) in a single pass over the state: read the old row, write the new
+// one (kv' = kv + phi(k) v^T, z' = z + phi(k)) and accumulate out_g = phi(q_g)^T kv' / phi(q_g)^T z' for the
+// `group` query heads that share the key/value head (fq: group x m, o: group x dv, z: group scratch).
 template <typename T>
 LA_SIMD_CLONES void step_one(const T* __restrict__ s_old, T* __restrict__ s_new, const T* __restrict__ z_old,
-                             T* __restrict__ z_new, const T* __restrict__ fq, const T* __restrict__ fk,
-                             const T* __restrict__ vr, int m, int dv, T* __restrict__ o) {
-  std::fill(o, o + dv, T(0));
-  T z = 0;
+                             T* __restrict__ z_new, const T* __restrict__ fq, int group, const T* __restrict__ fk,
+                             const T* __restrict__ vr, int m, int dv, T* __restrict__ o, T* __restrict__ z) {
+  std::fill(o, o + static_cast<int64_t>(group) * dv, T(0));
+  std::fill(z, z + group, T(0));
   for (int f = 0; f < m; ++f) {
     const T* __restrict__ src = s_old + static_cast<int64_t>(f) * dv;
     T* __restrict__ dst = s_new + static_cast<int64_t>(f) * dv;
-    const T a = fk[f], w = fq[f];
-    for (int c = 0; c < dv; ++c) {
-      const T val = src[c] + a * vr[c];
-      dst[c] = val;
-      o[c] += w * val;
-    }
+    const T a = fk[f];
     z_new[f] = z_old[f] + a;
-    z += w * z_new[f];
+    if (group == 1) {  // one pass: the new row is written and read in the same loop
+      const T w = fq[f];
+      for (int c = 0; c < dv; ++c) {
+        const T val = src[c] + a * vr[c];
+        dst[c] = val;
+        o[c] += w * val;
+      }
+      z[0] += w * z_new[f];
+      continue;
+    }
+    for (int c = 0; c < dv; ++c) dst[c] = src[c] + a * vr[c];
+    for (int g = 0; g < group; ++g) {  // the new row is still in L1
+      const T w = fq[static_cast<int64_t>(g) * m + f];
+      T* __restrict__ og = o + static_cast<int64_t>(g) * dv;
+      for (int c = 0; c < dv; ++c) og[c] += w * dst[c];
+      z[g] += w * z_new[f];
+    }
   }
-  const T inv = z != T(0) ? T(1) / z : T(0);
-  for (int c = 0; c < dv; ++c) o[c] *= inv;
+  for (int g = 0; g < group; ++g) {
+    const T inv = z[g] != T(0) ? T(1) / z[g] : T(0);
+    for (int c = 0; c < dv; ++c) o[static_cast<int64_t>(g) * dv + c] *= inv;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // Argument checks (the Python API checks first; these protect direct torch.ops callers).
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
-               bool causal) {
-  TORCH_CHECK(q.dim() == 4, "q must have shape [B, H, Lq, D], got ", q.sizes());
-  TORCH_CHECK(k.dim() == 4, "k must have shape [B, H, Lk, D], got ", k.sizes());
-  TORCH_CHECK(v.dim() == 4, "v must have shape [B, H, Lk, Dv], got ", v.sizes());
+// Device, dtype and dims of q, k, v whose last dim is the feature / value dim (dense [B, H, L, *] or packed
+// [T, H, *]); heads at dim `hd`: the query heads a multiple of the key/value heads (grouped-query attention).
+void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t hd) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "q, k, v must be CPU tensors");
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
               "q must be float16, bfloat16, float32 or float64, got ", dt);
   TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "k and v must have q's dtype ", dt);
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
-              "k must have shape [B, H, Lk, D] matching q ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(v.size(0) == q.size(0) && v.size(1) == q.size(1) && v.size(2) == k.size(2),
-              "v must have shape [B, H, Lk, Dv] matching k ", k.sizes(), ", got ", v.sizes());
-  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim, "q/k feature dim D must be in [1, ", kMaxHeadDim, "], got ",
-              q.size(3));
-  TORCH_CHECK(v.size(3) <= kMaxValueDim, "value dim Dv must be <= ", kMaxValueDim, ", got ", v.size(3));
-  TORCH_CHECK(!causal || q.size(2) == k.size(2), "causal attention needs Lq == Lk, got ", q.size(2), " and ",
-              k.size(2));
+  const int64_t h = q.size(hd), hk = k.size(hd);
+  TORCH_CHECK(v.size(hd) == hk, "v must have the key/value heads of k (", hk, "), got shape ", v.sizes());
+  TORCH_CHECK(hk == h || (hk > 0 && h % hk == 0), "the query heads of q (", h,
+              ") must be a multiple of the key/value heads of k (", hk, ") (grouped-query attention)");
+  const int64_t last = q.dim() - 1;
+  TORCH_CHECK(k.size(last) == q.size(last), "k must have the feature dim D of q (", q.size(last), "), got shape ",
+              k.sizes());
+  TORCH_CHECK(q.size(last) >= 1 && q.size(last) <= kMaxHeadDim, "q/k feature dim D must be in [1, ", kMaxHeadDim,
+              "], got ", q.size(last));
+  TORCH_CHECK(v.size(last) <= kMaxValueDim, "value dim Dv must be <= ", kMaxValueDim, ", got ", v.size(last));
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
+               bool causal) {
+  TORCH_CHECK(q.dim() == 4, "q must have shape [B, H, Lq, D], got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, "k must have shape [B, Hkv, Lk, D], got ", k.sizes());
+  TORCH_CHECK(v.dim() == 4, "v must have shape [B, Hkv, Lk, Dv], got ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0), "k must have the batch size of q (", q.size(0), "), got shape ", k.sizes());
+  TORCH_CHECK(v.size(0) == q.size(0) && v.size(2) == k.size(2), "v must have shape [B, Hkv, Lk, Dv] matching k ",
+              k.sizes(), ", got ", v.sizes());
+  check_common(q, k, v, 1);
+  TORCH_CHECK(!causal || q.size(2) <= k.size(2), "causal attention needs Lq <= Lk (end-aligned), got ", q.size(2),
+              " and ", k.size(2));
   if (mask.has_value()) {
     TORCH_CHECK(mask->scalar_type() == at::kBool, "key_padding_mask must be bool (True = padding), got ",
                 mask->scalar_type());
@@ -665,12 +725,105 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   }
 }
 
-Shape shape_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  return {q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
+void check_packed_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 3, "q must have shape [Tq, H, D], got ", q.sizes());
+  TORCH_CHECK(k.dim() == 3, "k must have shape [Tk, Hkv, D], got ", k.sizes());
+  TORCH_CHECK(v.dim() == 3 && v.size(0) == k.size(0), "v must have shape [Tk, Hkv, Dv] matching k ", k.sizes(),
+              ", got ", v.sizes());
+  check_common(q, k, v, 1);
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// The independent problems a call holds: `seqs` sequences (the batch of a [B, H, L, *] call, or the packed
+// sequences of a varlen call), each with `heads` query heads and `kv_heads` key/value heads; query head h reads
+// key/value head h / (heads / kv_heads) (grouped-query attention, SDPA's convention).
+// Buffers are head-major matrices of contiguous rows: the rows (tokens) of sequence n, head h start at row
+// start[n] + h * head_stride. Dense [B, H, L, *]: start[b] = b H L, head_stride = L. Packed [T, H, *] tensors are
+// transposed to [H, T, *] first: start[n] = cu_seqlens[n], head_stride = T.
+struct Rows {
+  std::vector<int64_t> start, len;
+  int64_t head_stride = 0;
+  int64_t row(int64_t n, int64_t h) const { return start[n] + h * head_stride; }
+};
+
+struct Problem {
+  int64_t seqs = 0, heads = 0, kv_heads = 0, d = 0, dv = 0;
+  Rows q, k;  // k's rows also index v, dk and dv
+  int64_t group() const { return kv_heads > 0 ? heads / kv_heads : 1; }
+  Shape shape(int64_t n, int64_t dv_part) const { return {1, 1, q.len[n], k.len[n], d, dv_part}; }
+};
+
+Rows dense_rows(int64_t batch, int64_t heads, int64_t len) {
+  Rows r;
+  r.head_stride = len;
+  for (int64_t b = 0; b < batch; ++b) {
+    r.start.push_back(b * heads * len);
+    r.len.push_back(len);
+  }
+  return r;
+}
+
+// q [B, H, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] (checked)
+Problem dense_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  Problem p;
+  p.seqs = q.size(0), p.heads = q.size(1), p.kv_heads = k.size(1), p.d = q.size(3), p.dv = v.size(3);
+  p.q = dense_rows(p.seqs, p.heads, q.size(2));
+  p.k = dense_rows(p.seqs, p.kv_heads, k.size(2));
+  return p;
+}
+
+// The sequences of a packed [total, heads, *] tensor from its cu_seqlens (int32 [N + 1], 0 = cu[0] <= ... <=
+// cu[N] = total).
+Rows packed_rows(const at::Tensor& cu, int64_t total, const char* name) {
+  TORCH_CHECK(cu.scalar_type() == at::kInt, name, " must be an int32 tensor, got ", cu.scalar_type());
+  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 1, name, " must have shape [N + 1], got ", cu.sizes());
+  TORCH_CHECK(cu.device().is_cpu(), name, " must be a CPU tensor, got ", cu.device());
+  const at::Tensor c = cu.contiguous();
+  const int32_t* x = c.data_ptr<int32_t>();
+  const int64_t count = c.size(0);
+  TORCH_CHECK(x[0] == 0, name, " must start at 0, got ", x[0]);
+  Rows r;
+  r.head_stride = total;
+  for (int64_t n = 0; n + 1 < count; ++n) {
+    TORCH_CHECK(x[n + 1] >= x[n], name, " must be non-decreasing, got ", x[n], " then ", x[n + 1], " at index ", n + 1);
+    r.start.push_back(x[n]);
+    r.len.push_back(x[n + 1] - x[n]);
+  }
+  TORCH_CHECK(x[count - 1] == total, name, " must end at the number of tokens (", total, "), got ", x[count - 1]);
+  return r;
+}
+
+// q [Tq, H, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv] (checked) and their cu_seqlens.
+Problem packed_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+                       const at::Tensor& cu_k, bool causal) {
+  Problem p;
+  p.heads = q.size(1), p.kv_heads = k.size(1), p.d = q.size(2), p.dv = v.size(2);
+  p.q = packed_rows(cu_q, q.size(0), "cu_seqlens_q");
+  p.k = packed_rows(cu_k, k.size(0), "cu_seqlens_k");
+  p.seqs = static_cast<int64_t>(p.q.len.size());
+  TORCH_CHECK(p.k.len.size() == p.q.len.size(), "cu_seqlens_k must have the length of cu_seqlens_q (",
+              cu_q.size(0), "), got ", cu_k.size(0));
+  for (int64_t n = 0; causal && n < p.seqs; ++n)
+    TORCH_CHECK(p.q.len[n] <= p.k.len[n], "causal attention needs Lq <= Lk (end-aligned) in every sequence; sequence ",
+                n, " has ", p.q.len[n], " queries and ", p.k.len[n], " keys");
+  return p;
+}
+
+// x with dims 0 and 1 swapped, contiguous, in dtype dt (one copy): a packed [T, H, *] tensor as the head-major
+// [H, T, *] buffer of the kernels, and back.
+at::Tensor swap_01(const at::Tensor& x, at::ScalarType dt) {
+  std::vector<int64_t> sizes = x.sizes().vec();
+  std::swap(sizes[0], sizes[1]);
+  at::Tensor y = at::empty(sizes, x.options().dtype(dt));
+  y.copy_(x.transpose(0, 1));
+  return y;
+}
+at::Tensor head_major(const at::Tensor& x, at::ScalarType acc) { return swap_01(x, acc); }
+at::Tensor token_major(const at::Tensor& x, at::ScalarType dt) { return swap_01(x, dt); }
+
+// ---------------------------------------------------------------------------------------------------------
 // The value columns of a head in `count` blocks of `width` (the last one may be narrower): one block when there
-// are at least as many heads as threads, else enough blocks of >= 16 columns to give every thread work (each
+// are at least as many tasks as threads, else enough blocks of >= 16 columns to give every thread work (each
 // block recomputes what does not depend on the value columns).
 struct ColumnSplit {
   int64_t count, width, dv;
@@ -678,20 +831,33 @@ struct ColumnSplit {
   int64_t size(int64_t block) const { return std::min(width, dv - block * width); }
 };
 
-ColumnSplit column_split(int64_t heads, int64_t dv) {
+ColumnSplit column_split(int64_t tasks, int64_t dv) {
   const int64_t threads = at::get_num_threads();
-  const int64_t count =
-      heads >= threads ? 1 : std::min<int64_t>((threads + heads - 1) / heads, std::max<int64_t>(1, dv / 16));
+  const int64_t count = tasks >= threads || tasks == 0
+                            ? 1
+                            : std::min<int64_t>((threads + tasks - 1) / tasks, std::max<int64_t>(1, dv / 16));
   return {count, (dv + count - 1) / count, dv};
 }
 
-// fn(bh, block) over every (batch*head, column block) in parallel; block 0 always runs (even when Dv = 0).
+// fn(n, h, block) for every (sequence, head of `heads`, column block) in parallel; block 0 always runs (even when
+// Dv = 0). Threads take tasks from a shared counter, longest sequences first, so that packed sequences of unequal
+// lengths keep every thread busy to the end.
 template <typename F>
-void for_each_head_block(int64_t heads, const ColumnSplit& cs, F fn) {
-  at::parallel_for(0, heads * cs.count, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t block = task % cs.count;
-      if (block == 0 || cs.size(block) > 0) fn(task / cs.count, block);
+void for_each_task(const Problem& p, int64_t heads, const ColumnSplit& cs, F fn) {
+  const int64_t per_seq = heads * cs.count, total = p.seqs * per_seq;
+  if (total == 0) return;
+  std::vector<int64_t> order(p.seqs);
+  std::iota(order.begin(), order.end(), int64_t(0));
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return p.q.len[a] + p.k.len[a] > p.q.len[b] + p.k.len[b]; });
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), total);
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      for (int64_t t = next.fetch_add(1); t < total; t = next.fetch_add(1)) {
+        const int64_t n = order[t / per_seq], rest = t % per_seq, block = rest % cs.count;
+        if (block == 0 || cs.size(block) > 0) fn(n, rest / cs.count, block);
+      }
     }
   });
 }
@@ -701,6 +867,154 @@ const bool* mask_ptr(const at::Tensor& mask, int64_t b, int64_t lk) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// The three kernels over a Problem. q, k, v (and grad_out, out, den) are head-major buffers in the accumulation
+// type; mask is a dense problem's [B, Lk] key padding mask or undefined.
+
+// out [rows, Dv], den [rows] of the query rows.
+void run_forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const at::Tensor& mask, const at::Tensor& out, const at::Tensor& den, bool causal, double scale) {
+  if (out.numel() == 0) {
+    if (den.numel() > 0) den.zero_();  // Dv == 0: no output columns, but the normalizer is still defined
+    return;
+  }
+  // With fewer tasks than threads, split the value columns too: each task owns a block of output columns
+  // (and recomputes the normalizer, written by the first block only). Blocks of >= 16 columns.
+  const ColumnSplit cs = column_split(p.seqs * p.heads, p.dv);
+  const int64_t group = p.group();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "taylor_fwd_cpu", [&] {
+    for_each_task(p, p.heads, cs, [&](int64_t n, int64_t h, int64_t block) {
+      const int64_t qr = p.q.row(n, h), kr = p.k.row(n, h / group), c0 = cs.start(block);
+      const Shape part = p.shape(n, cs.size(block));
+      scalar_t* o = out.data_ptr<scalar_t>() + qr * p.dv + c0;
+      scalar_t* z = block == 0 ? den.data_ptr<scalar_t>() + qr : nullptr;
+      if (part.lk == 0) {  // no key: defined as 0
+        for (int64_t i = 0; i < part.lq; ++i) std::fill(o + i * p.dv, o + i * p.dv + part.dv, scalar_t(0));
+        if (z != nullptr) std::fill(z, z + part.lq, scalar_t(0));
+        return;
+      }
+      if (part.lq == 0) return;
+      forward_one<scalar_t>(q.data_ptr<scalar_t>() + qr * p.d, k.data_ptr<scalar_t>() + kr * p.d,
+                            v.data_ptr<scalar_t>() + kr * p.dv + c0, mask_ptr(mask, n, part.lk), o, z, part, causal,
+                            scale, make_plan(p.shape(n, p.dv), causal), nullptr, false, false, static_cast<int>(p.dv));
+    });
+  });
+}
+
+// dq, dk, dv zero-initialised, head-major like q, k, v.
+void run_backward(const Problem& p, const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
+                  const at::Tensor& v, const at::Tensor& mask, const at::Tensor& out, const at::Tensor& den,
+                  const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, bool causal, double scale) {
+  if (q.numel() == 0 || k.numel() == 0 || out.numel() == 0) return;
+  // A task per (sequence, key/value head, column block): it owns that head's dk and dv and runs the query heads
+  // of its group one after another, so that their dk and dv add up without races. With fewer tasks than
+  // threads the value columns are split as in the forward: each block adds its share of dq and dk to a buffer
+  // of its own (block 0: dq, dk), summed after.
+  const ColumnSplit cs = column_split(p.seqs * p.kv_heads, p.dv);
+  const int64_t group = p.group();
+  at::Tensor dq_part, dk_part;
+  if (cs.count > 1) {
+    dq_part = at::zeros({cs.count - 1, dq.numel()}, dq.options());
+    dk_part = at::zeros({cs.count - 1, dk.numel()}, dk.options());
+  }
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "taylor_bwd_cpu", [&] {
+    for_each_task(p, p.kv_heads, cs, [&](int64_t n, int64_t hk, int64_t block) {
+      const Shape part = p.shape(n, cs.size(block));
+      if (part.lq == 0 || part.lk == 0) return;  // no query or no key: zero gradients
+      const Plan plan = make_plan(p.shape(n, p.dv), causal);
+      scalar_t* dq_out = block == 0 ? dq.data_ptr<scalar_t>() : dq_part.data_ptr<scalar_t>() + (block - 1) * dq.numel();
+      scalar_t* dk_out = block == 0 ? dk.data_ptr<scalar_t>() : dk_part.data_ptr<scalar_t>() + (block - 1) * dk.numel();
+      const int64_t kr = p.k.row(n, hk);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        const int64_t qr = p.q.row(n, h);
+        backward_one<scalar_t>(g.data_ptr<scalar_t>() + qr * p.dv, q.data_ptr<scalar_t>() + qr * p.d,
+                               k.data_ptr<scalar_t>() + kr * p.d, v.data_ptr<scalar_t>() + kr * p.dv,
+                               mask_ptr(mask, n, part.lk), out.data_ptr<scalar_t>() + qr * p.dv,
+                               den.data_ptr<scalar_t>() + qr, dq_out + qr * p.d, dk_out + kr * p.d,
+                               dv.data_ptr<scalar_t>() + kr * p.dv, part, causal, scale, plan, static_cast<int>(p.dv),
+                               static_cast<int>(cs.start(block)), block == 0);
+      }
+    });
+  });
+  if (cs.count > 1) {
+    dq.view(-1).add_(dq_part.sum(0));
+    dk.view(-1).add_(dk_part.sum(0));
+  }
+}
+
+// Causal prefill: out [rows, Dv] and the final state of every (sequence, key/value head), from the initial state
+// (kv_in [N, Hkv, M, Dv], k_sum_in [N, Hkv, M] in the accumulation type) or zeros. Returns (kv, k_sum).
+std::tuple<at::Tensor, at::Tensor> run_prefill(const Problem& p, const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& v, const at::Tensor& mask, const at::Tensor& kv_in,
+                                               const at::Tensor& k_sum_in, const at::Tensor& out, double scale) {
+  const int64_t m = 1 + p.d + p.d * (p.d + 1) / 2, group = p.group();
+  const bool has_state = kv_in.defined();
+  // A task per (sequence, key/value head, column block), as in the backward: the state belongs to the key/value
+  // head, so the group's query heads run one after another, all but the last on a scratch copy of the initial
+  // state. The state of a block travels as one [N, Hkv, M, w+1] buffer: its w kv columns, then k_sum (every
+  // block carries it; block 0's is returned).
+  const ColumnSplit cs = column_split(p.seqs * p.kv_heads, p.dv);
+  std::vector<at::Tensor> states;
+  for (int64_t block = 0; block < cs.count; ++block) {
+    const int64_t c0 = cs.start(block), w = cs.size(block);
+    states.push_back(has_state ? at::cat({kv_in.narrow(-1, c0, w), k_sum_in.unsqueeze(-1)}, -1).contiguous()
+                               : at::zeros({p.seqs, p.kv_heads, m, w + 1}, q.options()));
+  }
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "taylor_prefill_cpu", [&] {
+    for_each_task(p, p.kv_heads, cs, [&](int64_t n, int64_t hk, int64_t block) {
+      const Shape part = p.shape(n, cs.size(block));
+      if (part.lk == 0) return;  // no key (nor query): the state stays, no output row
+      const int64_t w = part.dv, kr = p.k.row(n, hk), c0 = cs.start(block);
+      Plan plan = make_plan(p.shape(n, p.dv), true);
+      plan.quadratic = false;
+      plan.chunk = std::min<int>(plan.chunk, static_cast<int>(part.lk));
+      scalar_t* st = states[block].data_ptr<scalar_t>() + (n * p.kv_heads + hk) * m * (w + 1);
+      std::vector<scalar_t> scratch(group > 1 ? static_cast<size_t>(m * (w + 1)) : 0);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        const bool last = h == (hk + 1) * group - 1;
+        if (!last && part.lq == 0) continue;
+        scalar_t* s = st;
+        if (!last) {
+          if (has_state) std::copy(st, st + m * (w + 1), scratch.data());
+          s = scratch.data();
+        }
+        const int64_t qr = p.q.row(n, h);
+        forward_one<scalar_t>(q.data_ptr<scalar_t>() + qr * p.d, k.data_ptr<scalar_t>() + kr * p.d,
+                              v.data_ptr<scalar_t>() + kr * p.dv + c0, mask_ptr(mask, n, part.lk),
+                              out.data_ptr<scalar_t>() + qr * p.dv + c0, nullptr, part, true, scale, plan, s,
+                              has_state, last, static_cast<int>(p.dv));
+      }
+    });
+  });
+  std::vector<at::Tensor> kv_parts;
+  for (int64_t block = 0; block < cs.count; ++block) kv_parts.push_back(states[block].narrow(-1, 0, cs.size(block)));
+  return {at::cat(kv_parts, -1).contiguous(), states[0].select(-1, cs.size(0)).contiguous()};
+}
+
+void check_state(const at::Tensor& kv, const at::Tensor& k_sum, int64_t b, int64_t h, int64_t m, int64_t dv) {
+  TORCH_CHECK(kv.dim() == 4 && kv.size(0) == b && kv.size(1) == h && kv.size(2) == m && kv.size(3) == dv,
+              "kv must have shape [B, Hkv, M, Dv] = [", b, ", ", h, ", ", m, ", ", dv, "], got ", kv.sizes());
+  TORCH_CHECK(k_sum.dim() == 3 && k_sum.size(0) == b && k_sum.size(1) == h && k_sum.size(2) == m,
+              "k_sum must have shape [B, Hkv, M] = [", b, ", ", h, ", ", m, "], got ", k_sum.sizes());
+  TORCH_CHECK(kv.scalar_type() == k_sum.scalar_type() &&
+                  (kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kDouble),
+              "kv and k_sum must both be float32 or both float64");
+  TORCH_CHECK(kv.device().is_cpu() && k_sum.device().is_cpu(), "kv and k_sum must be CPU tensors");
+}
+
+// The accumulation type of a prefill (the initial state's, else float32 / float64) and the checked initial state.
+at::ScalarType prefill_state(const c10::optional<at::Tensor>& kv_in, const c10::optional<at::Tensor>& k_sum_in,
+                             const Problem& p, at::ScalarType dt, at::Tensor* kv, at::Tensor* k_sum) {
+  TORCH_CHECK(kv_in.has_value() == k_sum_in.has_value(), "kv and k_sum must be given together");
+  if (!kv_in.has_value()) return acc_type(dt);
+  const int64_t m = 1 + p.d + p.d * (p.d + 1) / 2;
+  check_state(*kv_in, *k_sum_in, p.seqs, p.kv_heads, m, p.dv);
+  *kv = *kv_in;
+  *k_sum = *k_sum_in;
+  return kv_in->scalar_type();
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The ops (schemas in csrc/ops.cpp): dense [B, H, L, *] and packed varlen [T, H, *] entry points of the kernels.
 std::tuple<at::Tensor, at::Tensor> taylor_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                  const at::Tensor& v_in, const c10::optional<at::Tensor>& mask_in,
                                                  bool causal, double scale) {
@@ -708,31 +1022,24 @@ std::tuple<at::Tensor, at::Tensor> taylor_fwd_cpu(const at::Tensor& q_in, const 
   const auto acc = acc_type(q_in.scalar_type());
   const at::Tensor q = q_in.to(acc).contiguous(), k = k_in.to(acc).contiguous(), v = v_in.to(acc).contiguous();
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
-  const Shape s = shape_of(q, k, v);
-  at::Tensor out = at::empty({s.batch, s.heads, s.lq, s.dv}, q.options());
-  at::Tensor den = at::empty({s.batch, s.heads, s.lq}, q.options());
-  if (out.numel() > 0) {
-    const Plan plan = make_plan(s, causal);
-    // With fewer heads than threads, split the value columns too: each task owns a block of output columns
-    // (and recomputes the normalizer, written by the first block only). Blocks of >= 16 columns.
-    const int64_t heads = s.batch * s.heads;
-    const ColumnSplit cs = column_split(heads, s.dv);
-    AT_DISPATCH_FLOATING_TYPES(acc, "taylor_fwd_cpu", [&] {
-      for_each_head_block(heads, cs, [&](int64_t bh, int64_t block) {
-        const int64_t b = bh / s.heads, c0 = cs.start(block);
-        Shape part = s;
-        part.dv = cs.size(block);
-        forward_one<scalar_t>(q.data_ptr<scalar_t>() + bh * s.lq * s.d, k.data_ptr<scalar_t>() + bh * s.lk * s.d,
-                              v.data_ptr<scalar_t>() + bh * s.lk * s.dv + c0, mask_ptr(mask, b, s.lk),
-                              out.data_ptr<scalar_t>() + bh * s.lq * s.dv + c0,
-                              block == 0 ? den.data_ptr<scalar_t>() + bh * s.lq : nullptr, part, causal, scale, plan,
-                              nullptr, false, false, static_cast<int>(s.dv));
-      });
-    });
-  } else if (den.numel() > 0) {
-    den.zero_();  // Dv == 0: no output columns, but the normalizer is still defined
-  }
+  const Problem p = dense_problem(q, k, v);
+  at::Tensor out = at::empty({q.size(0), p.heads, q.size(2), p.dv}, q.options());
+  at::Tensor den = at::empty({q.size(0), p.heads, q.size(2)}, q.options());
+  run_forward(p, q, k, v, mask, out, den, causal, scale);
   return {out.to(q_in.scalar_type()), den};
+}
+
+std::tuple<at::Tensor, at::Tensor> taylor_varlen_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                        const at::Tensor& v_in, const at::Tensor& cu_q,
+                                                        const at::Tensor& cu_k, bool causal, double scale) {
+  check_packed_qkv(q_in, k_in, v_in);
+  const Problem p = packed_problem(q_in, k_in, v_in, cu_q, cu_k, causal);
+  const auto acc = acc_type(q_in.scalar_type());
+  const at::Tensor q = head_major(q_in, acc), k = head_major(k_in, acc), v = head_major(v_in, acc);
+  at::Tensor out = at::empty({p.heads, q_in.size(0), p.dv}, q.options());
+  at::Tensor den = at::empty({p.heads, q_in.size(0)}, q.options());
+  run_forward(p, q, k, v, at::Tensor(), out, den, causal, scale);
+  return {token_major(out, q_in.scalar_type()), den};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q_in,
@@ -749,60 +1056,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_bwd_cpu(const at::Tensor& 
     k = k.masked_fill(pad, 0);
     v = v.masked_fill(pad, 0);
   }
-  const Shape s = shape_of(q, k, v);
-  TORCH_CHECK(grad_out.sizes() == out_in.sizes() && out_in.dim() == 4 && out_in.size(0) == s.batch &&
-                  out_in.size(1) == s.heads && out_in.size(2) == s.lq && out_in.size(3) == s.dv,
+  const Problem p = dense_problem(q, k, v);
+  const int64_t b = q.size(0), lq = q.size(2);
+  TORCH_CHECK(grad_out.sizes() == out_in.sizes() && out_in.dim() == 4 && out_in.size(0) == b &&
+                  out_in.size(1) == p.heads && out_in.size(2) == lq && out_in.size(3) == p.dv,
               "grad_out and out must have shape [B, H, Lq, Dv], got ", grad_out.sizes(), " and ", out_in.sizes());
-  TORCH_CHECK(den_in.dim() == 3 && den_in.size(0) == s.batch && den_in.size(1) == s.heads && den_in.size(2) == s.lq,
+  TORCH_CHECK(den_in.dim() == 3 && den_in.size(0) == b && den_in.size(1) == p.heads && den_in.size(2) == lq,
               "den must have shape [B, H, Lq], got ", den_in.sizes());
   const at::Tensor g = grad_out.to(acc).contiguous(), out = out_in.to(acc).contiguous(),
                    den = den_in.to(acc).contiguous();
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
-  if (q.numel() > 0 && k.numel() > 0 && out.numel() > 0) {
-    const Plan plan = make_plan(s, causal);
-    // With fewer heads than threads, split the value columns as the forward does: each task owns a block of
-    // dv's columns and adds its share of dq and dk to a buffer of its own (block 0: dq, dk), summed after.
-    const int64_t heads = s.batch * s.heads;
-    const ColumnSplit cs = column_split(heads, s.dv);
-    at::Tensor dq_part, dk_part;
-    if (cs.count > 1) {
-      dq_part = at::zeros({cs.count - 1, s.batch, s.heads, s.lq, s.d}, q.options());
-      dk_part = at::zeros({cs.count - 1, s.batch, s.heads, s.lk, s.d}, q.options());
-    }
-    AT_DISPATCH_FLOATING_TYPES(acc, "taylor_bwd_cpu", [&] {
-      for_each_head_block(heads, cs, [&](int64_t bh, int64_t block) {
-        const int64_t b = bh / s.heads, c0 = cs.start(block);
-        Shape part = s;
-        part.dv = cs.size(block);
-        scalar_t* dq_out = block == 0 ? dq.data_ptr<scalar_t>() : dq_part.data_ptr<scalar_t>() + (block - 1) * dq.numel();
-        scalar_t* dk_out = block == 0 ? dk.data_ptr<scalar_t>() : dk_part.data_ptr<scalar_t>() + (block - 1) * dk.numel();
-        backward_one<scalar_t>(g.data_ptr<scalar_t>() + bh * s.lq * s.dv, q.data_ptr<scalar_t>() + bh * s.lq * s.d,
-                               k.data_ptr<scalar_t>() + bh * s.lk * s.d, v.data_ptr<scalar_t>() + bh * s.lk * s.dv,
-                               mask_ptr(mask, b, s.lk), out.data_ptr<scalar_t>() + bh * s.lq * s.dv,
-                               den.data_ptr<scalar_t>() + bh * s.lq, dq_out + bh * s.lq * s.d,
-                               dk_out + bh * s.lk * s.d, dv.data_ptr<scalar_t>() + bh * s.lk * s.dv, part, causal,
-                               scale, plan, static_cast<int>(s.dv), static_cast<int>(c0), block == 0);
-      });
-    });
-    if (cs.count > 1) {
-      dq.add_(dq_part.sum(0));
-      dk.add_(dk_part.sum(0));
-    }
-  }
+  run_backward(p, g, q, k, v, mask, out, den, dq, dk, dv, causal, scale);
   // Contiguous gradients, as the CUDA kernels and the fake kernel (linattn_cuda/ops.py) give.
   const auto dt = q_in.scalar_type();
   return {dq.to(dt), dk.to(dt), dv.to(dt)};
 }
 
-void check_state(const at::Tensor& kv, const at::Tensor& k_sum, int64_t b, int64_t h, int64_t m, int64_t dv) {
-  TORCH_CHECK(kv.dim() == 4 && kv.size(0) == b && kv.size(1) == h && kv.size(2) == m && kv.size(3) == dv,
-              "kv must have shape [B, H, M, Dv] = [", b, ", ", h, ", ", m, ", ", dv, "], got ", kv.sizes());
-  TORCH_CHECK(k_sum.dim() == 3 && k_sum.size(0) == b && k_sum.size(1) == h && k_sum.size(2) == m,
-              "k_sum must have shape [B, H, M] = [", b, ", ", h, ", ", m, "], got ", k_sum.sizes());
-  TORCH_CHECK(kv.scalar_type() == k_sum.scalar_type() &&
-                  (kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kDouble),
-              "kv and k_sum must both be float32 or both float64");
-  TORCH_CHECK(kv.device().is_cpu() && k_sum.device().is_cpu(), "kv and k_sum must be CPU tensors");
+std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_varlen_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out_in, const at::Tensor& den_in, bool causal,
+    double scale) {
+  check_packed_qkv(q_in, k_in, v_in);
+  const Problem p = packed_problem(q_in, k_in, v_in, cu_q, cu_k, causal);
+  const int64_t tq = q_in.size(0);
+  TORCH_CHECK(grad_out.sizes() == out_in.sizes() && out_in.dim() == 3 && out_in.size(0) == tq &&
+                  out_in.size(1) == p.heads && out_in.size(2) == p.dv,
+              "grad_out and out must have shape [Tq, H, Dv], got ", grad_out.sizes(), " and ", out_in.sizes());
+  TORCH_CHECK(den_in.dim() == 2 && den_in.size(0) == p.heads && den_in.size(1) == tq,
+              "den must have shape [H, Tq], got ", den_in.sizes());
+  const auto acc = acc_type(q_in.scalar_type());
+  const at::Tensor q = head_major(q_in, acc), k = head_major(k_in, acc), v = head_major(v_in, acc);
+  const at::Tensor g = head_major(grad_out, acc), out = head_major(out_in, acc), den = den_in.to(acc).contiguous();
+  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  run_backward(p, g, q, k, v, at::Tensor(), out, den, dq, dk, dv, causal, scale);
+  const auto dt = q_in.scalar_type();
+  return {token_major(dq, dt), token_major(dk, dt), token_major(dv, dt)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_prefill_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -812,89 +1100,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_prefill_cpu(const at::Tens
                                                                   const c10::optional<at::Tensor>& k_sum_in,
                                                                   double scale) {
   check_qkv(q_in, k_in, v_in, mask_in, true);
-  TORCH_CHECK(kv_in.has_value() == k_sum_in.has_value(), "kv and k_sum must be given together");
-  const int64_t d = q_in.size(3), m = 1 + d + d * (d + 1) / 2;
-  const Shape s = shape_of(q_in, k_in, v_in);
-  at::ScalarType acc = acc_type(q_in.scalar_type());
-  if (kv_in.has_value()) {
-    check_state(*kv_in, *k_sum_in, s.batch, s.heads, m, s.dv);
-    acc = kv_in->scalar_type();
-  }
+  const Problem p = dense_problem(q_in, k_in, v_in);
+  at::Tensor kv0, k_sum0;
+  const at::ScalarType acc = prefill_state(kv_in, k_sum_in, p, q_in.scalar_type(), &kv0, &k_sum0);
   const at::Tensor q = q_in.to(acc).contiguous(), k = k_in.to(acc).contiguous(), v = v_in.to(acc).contiguous();
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
-  const bool has_state = kv_in.has_value();
-  // Fewer heads than threads: value-column blocks as in the forward. The state of a block travels as one
-  // [B, H, M, w+1] buffer: its w kv columns, then k_sum (every block carries it; block 0's is returned).
-  const int64_t heads = s.batch * s.heads;
-  const ColumnSplit cs = column_split(heads, s.dv);
-  std::vector<at::Tensor> states;
-  for (int64_t block = 0; block < cs.count; ++block) {
-    const int64_t c0 = cs.start(block), w = cs.size(block);
-    states.push_back(has_state ? at::cat({kv_in->narrow(-1, c0, w).to(acc), k_sum_in->to(acc).unsqueeze(-1)}, -1)
-                                     .contiguous()
-                               : at::zeros({s.batch, s.heads, m, w + 1}, q.options()));
-  }
-  at::Tensor out = at::empty({s.batch, s.heads, s.lq, s.dv}, q.options());
-  at::Tensor den = at::empty({s.batch, s.heads, s.lq}, q.options());
-  if (heads > 0 && s.lq > 0) {
-    Plan plan = make_plan(s, true);
-    plan.quadratic = false;
-    plan.chunk = std::min<int>(plan.chunk, static_cast<int>(s.lq));
-    AT_DISPATCH_FLOATING_TYPES(acc, "taylor_prefill_cpu", [&] {
-      for_each_head_block(heads, cs, [&](int64_t bh, int64_t block) {
-        const int64_t b = bh / s.heads, c0 = cs.start(block), w = cs.size(block);
-        Shape part = s;
-        part.dv = w;
-        forward_one<scalar_t>(q.data_ptr<scalar_t>() + bh * s.lq * s.d, k.data_ptr<scalar_t>() + bh * s.lk * s.d,
-                            v.data_ptr<scalar_t>() + bh * s.lk * s.dv + c0, mask_ptr(mask, b, s.lk),
-                            out.data_ptr<scalar_t>() + bh * s.lq * s.dv + c0,
-                            block == 0 ? den.data_ptr<scalar_t>() + bh * s.lq : nullptr, part, true, scale, plan,
-                            states[block].data_ptr<scalar_t>() + bh * m * (w + 1), has_state, true,
-                            static_cast<int>(s.dv));
-      });
-    });
-  }
-  std::vector<at::Tensor> kv_parts;
-  for (int64_t block = 0; block < cs.count; ++block) kv_parts.push_back(states[block].narrow(-1, 0, cs.size(block)));
-  at::Tensor kv = at::cat(kv_parts, -1).contiguous();
-  at::Tensor k_sum = states[0].select(-1, cs.size(0)).contiguous();
+  at::Tensor out = at::empty({q.size(0), p.heads, q.size(2), p.dv}, q.options());
+  auto [kv, k_sum] = run_prefill(p, q, k, v, mask, kv0, k_sum0, out, scale);
   return {out.to(q_in.scalar_type()), kv, k_sum};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_varlen_prefill_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& cu_q,
+    const at::Tensor& cu_k, const c10::optional<at::Tensor>& kv_in, const c10::optional<at::Tensor>& k_sum_in,
+    double scale) {
+  check_packed_qkv(q_in, k_in, v_in);
+  const Problem p = packed_problem(q_in, k_in, v_in, cu_q, cu_k, true);
+  at::Tensor kv0, k_sum0;
+  const at::ScalarType acc = prefill_state(kv_in, k_sum_in, p, q_in.scalar_type(), &kv0, &k_sum0);
+  const at::Tensor q = head_major(q_in, acc), k = head_major(k_in, acc), v = head_major(v_in, acc);
+  at::Tensor out = at::zeros({p.heads, q_in.size(0), p.dv}, q.options());
+  auto [kv, k_sum] = run_prefill(p, q, k, v, at::Tensor(), kv0, k_sum0, out, scale);
+  return {token_major(out, q_in.scalar_type()), kv, k_sum};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_step_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                                const at::Tensor& v_in, const at::Tensor& kv_in,
                                                                const at::Tensor& k_sum_in, double scale) {
   TORCH_CHECK(q_in.dim() == 3 && k_in.dim() == 3 && v_in.dim() == 3,
-              "q, k must have shape [B, H, D] and v [B, H, Dv], got ", q_in.sizes(), ", ", k_in.sizes(), ", ",
-              v_in.sizes());
-  TORCH_CHECK(k_in.sizes() == q_in.sizes(), "k must have q's shape ", q_in.sizes(), ", got ", k_in.sizes());
-  TORCH_CHECK(v_in.size(0) == q_in.size(0) && v_in.size(1) == q_in.size(1), "v must have shape [B, H, Dv]");
-  TORCH_CHECK(q_in.device().is_cpu() && k_in.device().is_cpu() && v_in.device().is_cpu(),
-              "q, k, v must be CPU tensors");
-  const int64_t b = q_in.size(0), h = q_in.size(1), d = q_in.size(2), dv = v_in.size(2);
-  TORCH_CHECK(d >= 1 && d <= kMaxHeadDim, "q/k feature dim D must be in [1, ", kMaxHeadDim, "], got ", d);
-  TORCH_CHECK(dv <= kMaxValueDim, "value dim Dv must be <= ", kMaxValueDim, ", got ", dv);
-  const int64_t m = 1 + d + d * (d + 1) / 2;
-  check_state(kv_in, k_sum_in, b, h, m, dv);
+              "q must have shape [B, H, D], k [B, Hkv, D] and v [B, Hkv, Dv], got ", q_in.sizes(), ", ", k_in.sizes(),
+              ", ", v_in.sizes());
+  TORCH_CHECK(k_in.size(0) == q_in.size(0) && v_in.size(0) == q_in.size(0),
+              "k and v must have the batch size of q (", q_in.size(0), ")");
+  check_common(q_in, k_in, v_in, 1);
+  const int64_t b = q_in.size(0), h = q_in.size(1), hk = k_in.size(1), d = q_in.size(2), dv = v_in.size(2);
+  const int64_t m = 1 + d + d * (d + 1) / 2, group = hk > 0 ? h / hk : 1;
+  check_state(kv_in, k_sum_in, b, hk, m, dv);
   const auto acc = kv_in.scalar_type();
   const at::Tensor q = q_in.to(acc).contiguous(), k = k_in.to(acc).contiguous(), v = v_in.to(acc).contiguous();
   const at::Tensor kv = kv_in.contiguous(), k_sum = k_sum_in.contiguous();
   at::Tensor kv_out = at::empty_like(kv), k_sum_out = at::empty_like(k_sum);
   at::Tensor out = at::empty({b, h, dv}, q.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "taylor_step_cpu", [&] {
-    at::parallel_for(0, b * h, 16, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> fq(m), fk(m);
+    at::parallel_for(0, b * hk, std::max<int64_t>(1, 16 / group), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> fq(group * m), fk(m), z(group);
       const FeatureMap<scalar_t> fm(static_cast<int>(d), scale);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        fm.build(q.data_ptr<scalar_t>() + bh * d, 1, fq.data());
-        fm.build(k.data_ptr<scalar_t>() + bh * d, 1, fk.data());
-        const scalar_t* vr = v.data_ptr<scalar_t>() + bh * dv;
-        const scalar_t* s_old = kv.data_ptr<scalar_t>() + bh * m * dv;
-        scalar_t* s_new = kv_out.data_ptr<scalar_t>() + bh * m * dv;
-        const scalar_t* z_old = k_sum.data_ptr<scalar_t>() + bh * m;
-        scalar_t* z_new = k_sum_out.data_ptr<scalar_t>() + bh * m;
-        scalar_t* o = out.data_ptr<scalar_t>() + bh * dv;
-        step_one(s_old, s_new, z_old, z_new, fq.data(), fk.data(), vr, static_cast<int>(m), static_cast<int>(dv), o);
+      for (int64_t bk = begin; bk < end; ++bk) {  // (batch, key/value head); its query heads are bk*group + g
+        for (int64_t g = 0; g < group; ++g) fm.build(q.data_ptr<scalar_t>() + (bk * group + g) * d, 1, fq.data() + g * m);
+        fm.build(k.data_ptr<scalar_t>() + bk * d, 1, fk.data());
+        step_one(kv.data_ptr<scalar_t>() + bk * m * dv, kv_out.data_ptr<scalar_t>() + bk * m * dv,
+                 k_sum.data_ptr<scalar_t>() + bk * m, k_sum_out.data_ptr<scalar_t>() + bk * m, fq.data(),
+                 static_cast<int>(group), fk.data(), v.data_ptr<scalar_t>() + bk * dv, static_cast<int>(m),
+                 static_cast<int>(dv), out.data_ptr<scalar_t>() + bk * group * dv, z.data());
       }
     });
   });
@@ -908,6 +1165,9 @@ TORCH_LIBRARY_IMPL(linattn_cuda, CPU, m) {
   m.impl("taylor_bwd", &taylor_bwd_cpu);
   m.impl("taylor_prefill", &taylor_prefill_cpu);
   m.impl("taylor_step", &taylor_step_cpu);
+  m.impl("taylor_varlen_fwd", &taylor_varlen_fwd_cpu);
+  m.impl("taylor_varlen_bwd", &taylor_varlen_bwd_cpu);
+  m.impl("taylor_varlen_prefill", &taylor_varlen_prefill_cpu);
 }
 
 }  // namespace linattn_cuda

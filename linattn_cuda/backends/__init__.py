@@ -5,7 +5,15 @@ A backend implements
     attention(q, k, v, causal, scale, key_padding_mask) -> out          (differentiable)
     prefill(q, k, v, scale, key_padding_mask, initial_state) -> (out, TaylorState)   (causal)
     step(q, k, v, state, scale) -> (out, TaylorState)                   (q, k [B,H,D], v [B,H,Dv])
-Inputs reaching a backend are already checked (linattn_cuda._checks) and non-empty.
+and, when its ``features`` include "varlen",
+    varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale) -> out  (packed [T, H, *]; differentiable)
+    prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, initial_state) -> (out, TaylorState [N, ...])
+``features`` (a frozenset, empty when absent) names what a backend takes beyond the basic [B, H, L, *] problem:
+    "gqa"         k and v with fewer heads than q (grouped-query attention),
+    "causal_lq_lt_lk"  causal attention with fewer queries than keys (end-aligned),
+    "varlen"      packed variable-length sequences.
+"auto" picks only backends that have every feature a call needs; an explicit backend without one raises an
+error naming the feature. Inputs reaching a backend are already checked (linattn_cuda._checks) and non-empty.
 Backends register a factory so that heavy imports (Triton) happen on first use only.
 """
 from __future__ import annotations
@@ -49,14 +57,44 @@ def available_backends(device="cpu") -> list[str]:
     return [name for name in backend_names() if unavailable_reason(name, device) is None]
 
 
-def resolve_backend(name: str, q: torch.Tensor, *, causal: bool, kind: str = "attention", training: bool = False):
-    """The backend object for ``name`` ("auto" picks per device and shape); errors list what is available."""
+FEATURE_NAMES = {
+    "gqa": "grouped-query attention (k and v with fewer heads than q)",
+    "causal_lq_lt_lk": "causal attention with fewer queries than keys (Lq < Lk, end-aligned)",
+    "varlen": "packed variable-length sequences (varlen)",
+}
+
+
+def backend_features(name: str) -> frozenset:
+    """What backend ``name`` takes beyond the basic problem (see the module docstring)."""
+    try:
+        return frozenset(getattr(get_backend(name), "features", ()))
+    except ImportError:
+        return frozenset()
+
+
+def call_features(q, k, *, causal: bool, varlen: bool = False) -> frozenset:
+    """The features a call with these q and k needs (dense [B, H, L, D] or, ``varlen``, packed [T, H, D])."""
+    head = 0 if varlen else 1
+    needs = set()
+    if k.shape[head] != q.shape[head]:
+        needs.add("gqa")
+    if varlen:
+        needs.add("varlen")
+    elif causal and q.shape[2] != k.shape[2]:
+        needs.add("causal_lq_lt_lk")
+    return frozenset(needs)
+
+
+def resolve_backend(name: str, q: torch.Tensor, *, causal: bool, kind: str = "attention", training: bool = False,
+                    needs: frozenset = frozenset()):
+    """The backend object for ``name`` ("auto" picks per device and shape among the backends that have the
+    ``needs`` features); errors list what is available."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
     if name == "auto":
         from .auto import choose_backend
 
-        name = choose_backend(q, causal=causal, kind=kind, training=training)
+        name = choose_backend(q, causal=causal, kind=kind, training=training, needs=needs)
     if name not in _FACTORIES:
         raise ValueError(
             f"unknown backend {name!r}; known backends: {backend_names()}, "
@@ -67,6 +105,13 @@ def resolve_backend(name: str, q: torch.Tensor, *, causal: bool, kind: str = "at
         raise ValueError(
             f"backend {name!r} is not available for {q.device.type} tensors ({reason}); "
             f"available: {available_backends(q.device)} (or 'auto')"
+        )
+    missing = sorted(set(needs) - backend_features(name))
+    if missing:
+        able = [n for n in available_backends(q.device) if set(needs) <= backend_features(n)]
+        raise NotImplementedError(
+            f"backend {name!r} does not support {' and '.join(FEATURE_NAMES[f] for f in missing)} yet; "
+            f"backends that do for {q.device.type} tensors: {able} (or backend='auto')"
         )
     return get_backend(name)
 

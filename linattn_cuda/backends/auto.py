@@ -12,8 +12,11 @@ from __future__ import annotations
 import torch
 
 
-def choose_backend(q: torch.Tensor, *, causal: bool, kind: str = "attention", training: bool = False) -> str:
-    from . import unavailable_reason
+def choose_backend(q: torch.Tensor, *, causal: bool, kind: str = "attention", training: bool = False,
+                   needs: frozenset = frozenset()) -> str:
+    """The first available backend of the rule below that has every feature in ``needs`` (grouped-query
+    attention, end-aligned causal with Lq < Lk, varlen: today the cpu kernels and the reference)."""
+    from . import backend_features, unavailable_reason
 
     if q.device.type == "cuda":
         if q.dtype == torch.float64:
@@ -25,6 +28,6 @@ def choose_backend(q: torch.Tensor, *, causal: bool, kind: str = "attention", tr
     else:
         order = ("cpu", "reference")
     for name in order:
-        if unavailable_reason(name, q.device) is None:
+        if unavailable_reason(name, q.device) is None and set(needs) <= backend_features(name):
             return name
     return "reference"

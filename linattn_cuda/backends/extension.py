@@ -17,6 +17,8 @@ class ExtensionBackend:
         self.name = device_type
         self.device_type = device_type
         self.dispatch_key = device_type.upper()
+        # csrc/cpu has grouped-query attention, end-aligned causal and varlen; csrc/cuda not yet (it checks).
+        self.features = frozenset({"gqa", "causal_lq_lt_lk", "varlen"}) if device_type == "cpu" else frozenset()
 
     def unavailable_reason(self, device):
         device = torch.device(device)
@@ -45,4 +47,17 @@ class ExtensionBackend:
     def step(self, q, k, v, state, scale):
         check_fused_limits(self.name, q, v, MAX_HEAD_DIM, MAX_VALUE_DIM)
         out, kv, k_sum = torch.ops.linattn_cuda.taylor_step(q, k, v, state.kv, state.k_sum, scale)
+        return out, TaylorState(kv, k_sum)
+
+    def varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale):
+        check_fused_limits(self.name, q, v, MAX_HEAD_DIM, MAX_VALUE_DIM)
+        out, _ = torch.ops.linattn_cuda.taylor_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+        return out
+
+    def prefill_varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, initial_state):
+        check_fused_limits(self.name, q, v, MAX_HEAD_DIM, MAX_VALUE_DIM)
+        kv, k_sum = (None, None) if initial_state is None else initial_state
+        out, kv, k_sum = torch.ops.linattn_cuda.taylor_varlen_prefill(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, kv, k_sum, scale
+        )
         return out, TaylorState(kv, k_sum)

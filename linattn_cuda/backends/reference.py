@@ -9,6 +9,7 @@ QUADRATIC_MAX_PAIRS = 1 << 22
 
 class ReferenceBackend:
     name = "reference"
+    features = frozenset({"gqa", "causal_lq_lt_lk", "varlen"})
 
     def unavailable_reason(self, device):
         return None
@@ -29,3 +30,11 @@ class ReferenceBackend:
 
     def step(self, q, k, v, state, scale):
         return ref.taylor_attention_step_reference(q, k, v, state, scale=scale)
+
+    def varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale):
+        return ref.taylor_attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale)
+
+    def prefill_varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, initial_state):
+        return ref.taylor_attention_prefill_varlen_reference(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, initial_state=initial_state
+        )
