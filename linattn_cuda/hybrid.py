@@ -62,16 +62,30 @@ def _window_logits_mask(lq: int, lk: int, window: int, causal: bool, device) -> 
     return inside, outside
 
 
-def hybrid_attention_reference(q, k, v, *, window: int, causal: bool = True, scale=None, key_padding_mask=None):
+def check_far_weight(far_weight, heads: int):
+    if far_weight is None:
+        return None
+    if not isinstance(far_weight, torch.Tensor) or far_weight.shape != (heads,):
+        raise ValueError(f"far_weight must be a tensor of shape [H] = [{heads}] (positive per-head weights), "
+                         f"got {getattr(far_weight, 'shape', type(far_weight).__name__)}")
+    return far_weight
+
+
+def hybrid_attention_reference(q, k, v, *, window: int, causal: bool = True, scale=None, key_padding_mask=None,
+                               far_weight=None):
     """The plain definition, dense in float64 (O(L^2) memory): the ground truth of the tests."""
     check_window(window)
+    check_far_weight(far_weight, q.shape[1])
     out_dtype = q.dtype
     q, k, v = q.double(), k.double(), v.double()
     k, v = zero_padded_keys(k, v, key_padding_mask)
     scale = resolve_scale(scale, q.shape[-1])
     s = scale * q @ k.transpose(-1, -2)
     inside, outside = _window_logits_mask(q.shape[-2], k.shape[-2], window, causal, q.device)
-    w = torch.where(inside, torch.exp(s), torch.where(outside, 1 + s + s * s / 2, torch.zeros_like(s)))
+    taylor = 1 + s + s * s / 2
+    if far_weight is not None:
+        taylor = taylor * far_weight.double().view(1, -1, 1, 1)
+    w = torch.where(inside, torch.exp(s), torch.where(outside, taylor, torch.zeros_like(s)))
     if key_padding_mask is not None:
         w = w.masked_fill(key_padding_mask[:, None, None, :], 0.0)
     den = w.sum(-1, keepdim=True)
@@ -144,17 +158,21 @@ def hybrid_attention(
     causal: bool = True,
     scale: Optional[float] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
+    far_weight: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Self-attention with softmax weights inside a window of ``window`` keys and Taylor weights beyond it.
 
     ``q, k [B, H, L, D]``, ``v [B, H, L, Dv]`` (self-attention: one length), ``key_padding_mask [B, L]`` bool
     (True = padding). Equivalent to :func:`hybrid_attention_reference` (see the module docstring), in float32
-    (float64 for float64 inputs), linear in L; returns the input dtype. ``backend`` is the Taylor part's
+    (float64 for float64 inputs), linear in L; returns the input dtype. ``far_weight [H]`` (positive, e.g. the
+    exp of a learned parameter) multiplies every Taylor weight of head h: a head can learn how much of the context
+    beyond its window it mixes in (1 = the plain definition). ``backend`` is the Taylor part's
     (:func:`linattn_cuda.taylor_attention`).
     """
     check_attention_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
     check_window(window)
+    check_far_weight(far_weight, q.shape[1])
     if q.shape[-2] != k.shape[-2]:
         raise ValueError(f"hybrid attention is self-attention: q and k need one length, got {q.shape[-2]} and {k.shape[-2]}")
     scale = resolve_scale(scale, q.shape[-1])
@@ -176,6 +194,10 @@ def hybrid_attention(
         mask_r = None if key_padding_mask is None else key_padding_mask.flip(1)
         num_r, den_r = _taylor_beyond(flip(q), flip(k), flip(v), window, scale, mask_r, backend)
         num_f, den_f = num_f + flip(num_r), den_f + flip(den_r)
+
+    if far_weight is not None:
+        fw = far_weight.to(num_f.dtype).view(1, -1, 1)
+        num_f, den_f = num_f * fw.unsqueeze(-1), den_f * fw
 
     # window part, blocked; rows stabilized by m (the window's max logit, at least 0 where a Taylor key exists)
     s, vb = _window_part(q, k, v, valid, window, causal, scale)

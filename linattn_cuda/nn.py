@@ -195,6 +195,8 @@ class HybridAttention(TaylorAttention):
                      q, k and v of self-attention (the "short convolution" of Based and of many linear-attention
                      models); 0 = none.
         learn_scale: a learnable per-head temperature multiplying the logits (initialized to 1).
+        learn_far_weight: a learnable per-head weight multiplying the Taylor weights of the keys beyond the
+                     window (initialized to 1), so that a head can learn how much distant context to mix in.
 
     Cross-attention (``context`` given) has no positions to window: it is Taylor attention over the context,
     with :class:`TaylorAttention`'s cache. Call convention and caches as :class:`TaylorAttention`.
@@ -209,6 +211,7 @@ class HybridAttention(TaylorAttention):
         feature_dim: Optional[int] = 16,
         conv_size: int = 0,
         learn_scale: bool = False,
+        learn_far_weight: bool = False,
         context_dim: Optional[int] = None,
         bias: bool = True,
         scale: Optional[float] = None,
@@ -228,10 +231,15 @@ class HybridAttention(TaylorAttention):
         channels = num_heads * (2 * self.qk_dim + self.head_dim)
         self.conv = nn.Conv1d(channels, channels, conv_size, groups=channels, **kw) if conv_size else None
         self.log_temperature = nn.Parameter(torch.zeros(num_heads, **kw)) if learn_scale else None
+        self.log_far_weight = nn.Parameter(torch.zeros(num_heads, **kw)) if learn_far_weight else None
 
     def extra_repr(self) -> str:
-        extra = f", window={self.window}, conv_size={self.conv_size}, learn_scale={self.log_temperature is not None}"
+        extra = (f", window={self.window}, conv_size={self.conv_size}, learn_scale={self.log_temperature is not None}"
+                 f", learn_far_weight={self.log_far_weight is not None}")
         return super().extra_repr() + extra
+
+    def _far_weight(self):
+        return None if self.log_far_weight is None else self.log_far_weight.exp()
 
     def _temperature(self, q: torch.Tensor) -> torch.Tensor:  # q [B, H, ..., d]
         if self.log_temperature is None:
@@ -269,7 +277,7 @@ class HybridAttention(TaylorAttention):
         q, k, v = self._temperature(self._heads(q)), self._heads(k), self._heads(v)
         out = hybrid_attention(
             q, k, v, window=self.window, causal=causal, scale=self.scale, key_padding_mask=key_padding_mask,
-            backend=self.backend,
+            far_weight=self._far_weight(), backend=self.backend,
         )
         return self.out(self._merge(out))
 
@@ -326,6 +334,9 @@ class HybridAttention(TaylorAttention):
         fq = taylor_feature_map(q, self.scale)
         num_f = torch.einsum("bhm,bhmv->bhv", fq, kv)
         den_f = torch.einsum("bhm,bhm->bh", fq, k_sum)
+        if self.log_far_weight is not None:
+            fw = self._far_weight().to(acc).view(1, -1)
+            num_f, den_f = num_f * fw.unsqueeze(-1), den_f * fw
         m = torch.where(inside, s, torch.full_like(s, float("-inf"))).amax(-1)
         m = torch.where(den_f > 0, m.clamp_min(0.0), m)
         p = torch.where(inside, torch.exp(s - m.unsqueeze(-1)), torch.zeros_like(s))

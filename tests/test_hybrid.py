@@ -65,6 +65,23 @@ def test_gradients_match_float64_definition(causal, backend):
         assert max_rel_err(a, r) < 1e-4, name
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_far_weight_matches_definition_and_gets_gradients(causal):
+    q, k, v, m = make_inputs(2, 3, 31, 31, 6, 5, seed=seed_for("farweight", causal), mask="random")
+    fw = torch.tensor([0.05, 1.0, 7.0], requires_grad=True)
+    out = hybrid_attention(q, k, v, window=5, causal=causal, key_padding_mask=m, far_weight=fw, backend="cpu")
+    ref = hybrid_attention_reference(q.double(), k.double(), v.double(), window=5, causal=causal,
+                                     key_padding_mask=m, far_weight=fw.detach().double())
+    assert max_rel_err(out, ref) < 2e-5
+    g = torch.autograd.grad(out.square().sum(), fw)[0]
+    fw64 = fw.detach().double().requires_grad_()
+    ref = hybrid_attention_reference(q.double(), k.double(), v.double(), window=5, causal=causal,
+                                     key_padding_mask=m, far_weight=fw64)
+    torch.testing.assert_close(g.double(), torch.autograd.grad(ref.square().sum(), fw64)[0], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="far_weight"):
+        hybrid_attention(q, k, v, window=5, far_weight=torch.ones(2))
+
+
 def test_gradcheck_float64():
     q, k, v, m = make_inputs(1, 2, 11, 11, 3, 2, seed=5, mask="random", dtype=torch.float64, requires_grad=True)
     m[0, 0] = False
@@ -164,8 +181,9 @@ def reference_module(attn: HybridAttention, x, *, causal, key_padding_mask=None)
     q, k, v = (t.view(b, length, h, -1).transpose(1, 2) for t in (q, k, v))
     if attn.log_temperature is not None:
         q = q * p["log_temperature"].exp()[None, :, None, None]
+    far_weight = p["log_far_weight"].exp() if attn.log_far_weight is not None else None
     out = hybrid_attention_reference(q, k, v, window=attn.window, causal=causal, scale=attn.scale,
-                                     key_padding_mask=key_padding_mask)
+                                     key_padding_mask=key_padding_mask, far_weight=far_weight)
     out = out.transpose(1, 2).reshape(b, length, -1)
     return out @ p["out.weight"].T + p.get("out.bias", 0)
 
@@ -175,13 +193,16 @@ MODULES = [
     pytest.param(dict(embed_dim=24, num_heads=2, window=5, feature_dim=6, conv_size=3), id="E24-H2-W5-F6-conv3"),
     pytest.param(dict(embed_dim=16, num_heads=2, window=4, feature_dim=None, learn_scale=True, bias=False),
                  id="E16-H2-W4-headdim-temp-nobias"),
+    pytest.param(dict(embed_dim=24, num_heads=3, window=6, learn_far_weight=True, conv_size=2),
+                 id="E24-H3-W6-farweight-conv2"),
 ]
 
 
 def _randomize_temperature(attn):
-    if attn.log_temperature is not None:
-        with torch.no_grad():
-            attn.log_temperature.normal_(0, 0.5)
+    with torch.no_grad():
+        for p in (attn.log_temperature, attn.log_far_weight):
+            if p is not None:
+                p.normal_(0, 0.5)
 
 
 @pytest.mark.parametrize("kw", MODULES)
@@ -236,7 +257,7 @@ def test_cross_attention_is_taylor_attention():
 def test_module_trains():
     """A gradient reaches every parameter, the temperature and the convolution included."""
     torch.manual_seed(5)
-    attn = HybridAttention(16, 2, window=4, conv_size=4, learn_scale=True)
+    attn = HybridAttention(16, 2, window=4, conv_size=4, learn_scale=True, learn_far_weight=True)
     attn(torch.randn(2, 13, 16), causal=True).square().sum().backward()
     for name, p in attn.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
@@ -245,7 +266,7 @@ def test_module_trains():
 def test_torch_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     torch.manual_seed(6)
-    attn = HybridAttention(16, 2, window=4, conv_size=3, learn_scale=True, backend="cpu")
+    attn = HybridAttention(16, 2, window=4, conv_size=3, learn_scale=True, learn_far_weight=True, backend="cpu")
     x = torch.randn(2, 21, 16)
     compiled = torch.compile(attn, fullgraph=True)
     eager = attn(x, causal=True)
