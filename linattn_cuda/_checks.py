@@ -145,12 +145,14 @@ def check_varlen_inputs(q, k, v, cu_q, cu_k, *, causal: bool, enable_gqa: bool =
     if q.shape[2] < 1:
         raise ValueError("q and k must have a feature dim D >= 1")
     values = not torch.compiler.is_compiling()
-    lq = check_cu_seqlens("cu_seqlens_q", cu_q, q.shape[0], q.device, check_values=values)
-    lk = check_cu_seqlens("cu_seqlens_k", cu_k, k.shape[0], q.device, check_values=values)
+    check_cu_seqlens("cu_seqlens_q", cu_q, q.shape[0], q.device, check_values=False)
+    check_cu_seqlens("cu_seqlens_k", cu_k, k.shape[0], q.device, check_values=False)
     if cu_k.shape[0] != cu_q.shape[0]:
         raise ValueError(
             f"cu_seqlens_k must have the length of cu_seqlens_q ({cu_q.shape[0]}: N + 1), got {cu_k.shape[0]}"
         )
+    lq = check_cu_seqlens("cu_seqlens_q", cu_q, q.shape[0], q.device, check_values=values)
+    lk = check_cu_seqlens("cu_seqlens_k", cu_k, k.shape[0], q.device, check_values=values)
     if values and causal:
         for n, (a, b) in enumerate(zip(lq, lk)):
             check_causal_lengths(True, a, b, f" in sequence {n}")

@@ -74,9 +74,8 @@ def backend_features(name: str) -> frozenset:
 
 def call_features(q, k, *, causal: bool, varlen: bool = False) -> frozenset:
     """The features a call with these q and k needs (dense [B, H, L, D] or, ``varlen``, packed [T, H, D])."""
-    head = 0 if varlen else 1
     needs = set()
-    if k.shape[head] != q.shape[head]:
+    if k.shape[1] != q.shape[1]:  # heads: dim 1 of [B, H, L, D] and of [T, H, D]
         needs.add("gqa")
     if varlen:
         needs.add("varlen")
