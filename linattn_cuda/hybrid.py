@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ._checks import check_attention_inputs
 from .api import taylor_attention
 from .feature_map import resolve_scale
-from .reference import accumulate_dtype, zero_padded_keys
+from .reference import accumulate_dtype, repeat_kv, zero_padded_keys
 
 __all__ = ["hybrid_attention", "hybrid_attention_reference", "check_window"]
 
@@ -73,11 +73,12 @@ def check_far_weight(far_weight, heads: int):
 
 def hybrid_attention_reference(q, k, v, *, window: int, causal: bool = True, scale=None, key_padding_mask=None,
                                far_weight=None):
-    """The plain definition, dense in float64 (O(L^2) memory): the ground truth of the tests."""
+    """The plain definition, dense in float64 (O(L^2) memory): the ground truth of the tests. k and v may have
+    fewer heads than q (grouped-query attention: query head h reads key/value head h // (H // Hkv))."""
     check_window(window)
     check_far_weight(far_weight, q.shape[1])
     out_dtype = q.dtype
-    q, k, v = q.double(), k.double(), v.double()
+    q, k, v = q.double(), repeat_kv(k.double(), q.shape[1]), repeat_kv(v.double(), q.shape[1])
     k, v = zero_padded_keys(k, v, key_padding_mask)
     scale = resolve_scale(scale, q.shape[-1])
     s = scale * q @ k.transpose(-1, -2)
@@ -120,11 +121,13 @@ def _window_part(q, k, v, valid, window: int, causal: bool, scale: float):
     band = (diff >= 0) & (diff < window) if causal else diff.abs() < window
     inside = band & valid_b[:, None, :, None, :]  # [B, 1, n, W, K]
     bias = torch.zeros(inside.shape, dtype=q.dtype, device=q.device).masked_fill_(~inside, float("-inf"))
-    s = torch.matmul(q.view(b, h, n, window, -1), kb.transpose(-1, -2)).mul_(scale).add_(bias)
+    hk = k.shape[1]  # grouped-query attention: G = H / Hkv query heads share a key/value head, read in place
+    qg = q.view(b, hk, h // hk, n, window, q.shape[-1])
+    s = torch.matmul(qg, kb.unsqueeze(2).transpose(-1, -2)).view(b, h, n, window, -1).mul_(scale).add_(bias)
     return s, vb
 
 
-def _taylor_beyond(q, k, v, shift: int, scale: float, key_padding_mask, backend: str):
+def _taylor_beyond(q, k, v, shift: int, scale: float, key_padding_mask, backend: str, enable_gqa: bool = False):
     """Numerator ``N_i = sum_{j <= i - shift} w_ij v_j`` and normalizer ``Z_i = sum_{j <= i - shift} w_ij``
     (Taylor weights, padded keys excluded) for every query, through the fused causal kernels and a sink key."""
     b, h, length, d = q.shape
@@ -134,15 +137,16 @@ def _taylor_beyond(q, k, v, shift: int, scale: float, key_padding_mask, backend:
     lf = length - shift
     if lf <= 0:
         return num, den
-    zeros = q.new_zeros(b, h, 1, d)
-    sink_value = F.pad(q.new_ones(b, h, 1, 1), (dv, 0))  # [0, ..., 0, 1]
-    qs = torch.cat([zeros, q[:, :, shift:]], dim=2)
-    ks = torch.cat([zeros, k[:, :, :lf]], dim=2)
+    hk = k.shape[1]
+    sink_value = F.pad(q.new_ones(b, hk, 1, 1), (dv, 0))  # [0, ..., 0, 1]
+    qs = torch.cat([q.new_zeros(b, h, 1, d), q[:, :, shift:]], dim=2)
+    ks = torch.cat([k.new_zeros(b, hk, 1, d), k[:, :, :lf]], dim=2)
     vs = torch.cat([sink_value, F.pad(v[:, :, :lf], (0, 1))], dim=2)
     mask = None
     if key_padding_mask is not None:
         mask = torch.cat([key_padding_mask.new_zeros(b, 1), key_padding_mask[:, :lf]], dim=1)
-    o = taylor_attention(qs, ks, vs, causal=True, scale=scale, key_padding_mask=mask, backend=backend)[:, :, 1:]
+    o = taylor_attention(qs, ks, vs, causal=True, scale=scale, key_padding_mask=mask, enable_gqa=enable_gqa,
+                         backend=backend)[:, :, 1:]
     inv = o[..., dv]  # 1 / (Z + 1), in (0, 1]
     num_f = o[..., :dv] / inv.unsqueeze(-1)
     den_f = 1.0 / inv - 1.0
@@ -159,6 +163,7 @@ def hybrid_attention(
     scale: Optional[float] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
     far_weight: Optional[torch.Tensor] = None,
+    enable_gqa: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Self-attention with softmax weights inside a window of ``window`` keys and Taylor weights beyond it.
@@ -167,10 +172,11 @@ def hybrid_attention(
     (True = padding). Equivalent to :func:`hybrid_attention_reference` (see the module docstring), in float32
     (float64 for float64 inputs), linear in L; returns the input dtype. ``far_weight [H]`` (positive, e.g. the
     exp of a learned parameter) multiplies every Taylor weight of head h: a head can learn how much of the context
-    beyond its window it mixes in (1 = the plain definition). ``backend`` is the Taylor part's
-    (:func:`linattn_cuda.taylor_attention`).
+    beyond its window it mixes in (1 = the plain definition). ``enable_gqa``: k and v may have Hkv heads with
+    H % Hkv == 0 (query head h reads key/value head h // (H // Hkv), as in SDPA), read in place.
+    ``backend`` is the Taylor part's (:func:`linattn_cuda.taylor_attention`).
     """
-    check_attention_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
+    check_attention_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, enable_gqa=enable_gqa)
     check_window(window)
     check_far_weight(far_weight, q.shape[1])
     if q.shape[-2] != k.shape[-2]:
@@ -188,11 +194,11 @@ def hybrid_attention(
         valid = ~key_padding_mask
 
     # Taylor part: keys at distance >= W (before the query; non-causal also after it, on the flipped sequence)
-    num_f, den_f = _taylor_beyond(q, k, v, window, scale, key_padding_mask, backend)
+    num_f, den_f = _taylor_beyond(q, k, v, window, scale, key_padding_mask, backend, enable_gqa)
     if not causal:
         flip = lambda t: t.flip(2)  # noqa: E731
         mask_r = None if key_padding_mask is None else key_padding_mask.flip(1)
-        num_r, den_r = _taylor_beyond(flip(q), flip(k), flip(v), window, scale, mask_r, backend)
+        num_r, den_r = _taylor_beyond(flip(q), flip(k), flip(v), window, scale, mask_r, backend, enable_gqa)
         num_f, den_f = num_f + flip(num_r), den_f + flip(den_r)
 
     if far_weight is not None:
@@ -206,7 +212,9 @@ def hybrid_attention(
     has_far = den_f > 0
     m = torch.where(has_far, m.clamp_min(0.0), torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
     p = torch.exp(s - F.pad(m, (0, n * window - length)).view(b, h, n, window, 1))  # 0 outside the window
-    num_w = torch.matmul(p, vb).reshape(b, h, n * window, -1)[:, :, :length]
+    hk = k.shape[1]
+    num_w = torch.matmul(p.view(b, hk, h // hk, n, window, -1), vb.unsqueeze(2))
+    num_w = num_w.reshape(b, h, n * window, -1)[:, :, :length]
     den_w = p.sum(-1).reshape(b, h, n * window)[:, :, :length]
     far_scale = torch.exp(-m.clamp_min(0.0))  # <= 1; multiplies Z_f = 0 exactly where there is no Taylor key
     num = num_w + far_scale.unsqueeze(-1) * num_f

@@ -27,7 +27,7 @@ from torch import nn
 from .api import taylor_attention, taylor_attention_step
 from .feature_map import resolve_scale, taylor_feature_map
 from .hybrid import check_window, hybrid_attention
-from .reference import TaylorState, accumulate_dtype, empty_state, zero_padded_keys
+from .reference import TaylorState, accumulate_dtype, empty_state, repeat_kv, zero_padded_keys
 
 __all__ = ["TaylorAttention", "TaylorAttentionCache", "HybridAttention", "HybridAttentionCache", "context_state"]
 
@@ -60,8 +60,8 @@ def context_state(k: torch.Tensor, v: torch.Tensor, *, scale: float, key_padding
 def _read_state(q: torch.Tensor, state: TaylorState, scale: float) -> torch.Tensor:
     """``phi(q)^T kv / phi(q)^T k_sum`` for ``q [B, H, D]`` (0 where the state is empty)."""
     fq = taylor_feature_map(q.to(state.kv.dtype), scale)
-    num = torch.einsum("bhm,bhmv->bhv", fq, state.kv)
-    den = torch.einsum("bhm,bhm->bh", fq, state.k_sum)
+    num = torch.einsum("bhm,bhmv->bhv", fq, repeat_kv(state.kv, q.shape[1]))  # a GQA state has Hkv heads
+    den = torch.einsum("bhm,bhm->bh", fq, repeat_kv(state.k_sum, q.shape[1]))
     ok = den != 0
     out = num / torch.where(ok, den, torch.ones_like(den)).unsqueeze(-1)
     return torch.where(ok.unsqueeze(-1), out, torch.zeros_like(out)).to(q.dtype)
@@ -73,6 +73,8 @@ class TaylorAttention(nn.Module):
     Args:
         embed_dim: model width E (queries, values and output).
         num_heads: H; E must be divisible by H (head dim ``E // H`` for values).
+        num_kv_heads: Hkv key/value heads (grouped-query attention, H % Hkv == 0: query head h reads key/value
+            head h // (H // Hkv)); default H. The decoding state has Hkv heads (H / Hkv times smaller).
         context_dim: width of the context for cross-attention (default E).
         feature_dim: project q and k to this many dims per head (Based uses 16); default the head dim.
             The state has ``M = 1 + D + D(D+1)/2`` features for ``D = feature_dim``.
@@ -89,6 +91,7 @@ class TaylorAttention(nn.Module):
         embed_dim: int,
         num_heads: int,
         *,
+        num_kv_heads: Optional[int] = None,
         context_dim: Optional[int] = None,
         feature_dim: Optional[int] = None,
         bias: bool = True,
@@ -100,6 +103,10 @@ class TaylorAttention(nn.Module):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads ({num_kv_heads}) must be a positive divisor of num_heads ({num_heads})")
+        self.num_kv_heads = num_kv_heads
         if feature_dim is not None and feature_dim < 1:
             raise ValueError(f"feature_dim must be a positive int or None, got {feature_dim}")
         kw = {"device": device, "dtype": dtype}
@@ -111,16 +118,16 @@ class TaylorAttention(nn.Module):
         self.backend = backend
         context_dim = context_dim or embed_dim
         self.query = nn.Linear(embed_dim, num_heads * self.qk_dim, bias=bias, **kw)
-        self.key = nn.Linear(context_dim, num_heads * self.qk_dim, bias=False, **kw)
-        self.value = nn.Linear(context_dim, embed_dim, bias=bias, **kw)
+        self.key = nn.Linear(context_dim, num_kv_heads * self.qk_dim, bias=False, **kw)
+        self.value = nn.Linear(context_dim, num_kv_heads * self.head_dim, bias=bias, **kw)
         self.out = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, qk_dim={self.qk_dim}, scale={self.scale:.4g}, backend={self.backend!r}"
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, H*d] -> [B, H, L, d]
+    def _heads(self, x: torch.Tensor, heads: Optional[int] = None) -> torch.Tensor:  # [B, L, H*d] -> [B, H, L, d]
         b, length, _ = x.shape
-        return x.view(b, length, self.num_heads, -1).transpose(1, 2)
+        return x.view(b, length, heads or self.num_heads, -1).transpose(1, 2)
 
     def _merge(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, L, d] -> [B, L, H*d]
         b, _, length, _ = x.shape
@@ -128,9 +135,11 @@ class TaylorAttention(nn.Module):
 
     def forward(self, x, context=None, *, causal: bool = False, key_padding_mask=None):
         src = x if context is None else context
-        q, k, v = self._heads(self.query(x)), self._heads(self.key(src)), self._heads(self.value(src))
+        hk = self.num_kv_heads
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(src), hk), self._heads(self.value(src), hk)
         out = taylor_attention(
-            q, k, v, causal=causal, scale=self.scale, key_padding_mask=key_padding_mask, backend=self.backend
+            q, k, v, causal=causal, scale=self.scale, key_padding_mask=key_padding_mask,
+            enable_gqa=hk != self.num_heads, backend=self.backend,
         )
         return self.out(self._merge(out))
 
@@ -141,10 +150,11 @@ class TaylorAttention(nn.Module):
                 raise ValueError("init_cache needs batch_size (self-attention) or context (cross-attention)")
             w = self.value.weight
             state = empty_state(
-                batch_size, self.num_heads, self.qk_dim, self.head_dim, dtype=accumulate_dtype(w.dtype), device=w.device
+                batch_size, self.num_kv_heads, self.qk_dim, self.head_dim, dtype=accumulate_dtype(w.dtype),
+                device=w.device,
             )
             return TaylorAttentionCache(state, frozen=False)
-        k, v = self._heads(self.key(context)), self._heads(self.value(context))
+        k, v = self._heads(self.key(context), self.num_kv_heads), self._heads(self.value(context), self.num_kv_heads)
         return TaylorAttentionCache(context_state(k, v, scale=self.scale, key_padding_mask=key_padding_mask), frozen=True)
 
     def step(self, x: torch.Tensor, cache: TaylorAttentionCache):
@@ -158,8 +168,11 @@ class TaylorAttention(nn.Module):
         if cache.frozen:
             out, new = _read_state(q, cache.state, self.scale), cache
         else:
-            k, v = self._heads(self.key(x))[:, :, 0], self._heads(self.value(x))[:, :, 0]
-            out, state = taylor_attention_step(q, k, v, cache.state, scale=self.scale, backend=self.backend)
+            hk = self.num_kv_heads
+            k, v = self._heads(self.key(x), hk)[:, :, 0], self._heads(self.value(x), hk)[:, :, 0]
+            out, state = taylor_attention_step(
+                q, k, v, cache.state, scale=self.scale, enable_gqa=hk != self.num_heads, backend=self.backend
+            )
             new = TaylorAttentionCache(state, frozen=False)
         out = self.out(out.reshape(out.shape[0], 1, -1))
         return (out[:, 0] if squeeze else out), new
@@ -212,6 +225,7 @@ class HybridAttention(TaylorAttention):
         conv_size: int = 0,
         learn_scale: bool = False,
         learn_far_weight: bool = False,
+        num_kv_heads: Optional[int] = None,
         context_dim: Optional[int] = None,
         bias: bool = True,
         scale: Optional[float] = None,
@@ -220,15 +234,15 @@ class HybridAttention(TaylorAttention):
         dtype=None,
     ) -> None:
         super().__init__(
-            embed_dim, num_heads, context_dim=context_dim, feature_dim=feature_dim, bias=bias, scale=scale,
-            backend=backend, device=device, dtype=dtype,
+            embed_dim, num_heads, num_kv_heads=num_kv_heads, context_dim=context_dim, feature_dim=feature_dim,
+            bias=bias, scale=scale, backend=backend, device=device, dtype=dtype,
         )
         self.window = check_window(window)
         if isinstance(conv_size, bool) or not isinstance(conv_size, int) or conv_size < 0:
             raise ValueError(f"conv_size must be an int >= 0 (0 = no short convolution), got {conv_size!r}")
         self.conv_size = conv_size
         kw = {"device": device, "dtype": dtype}
-        channels = num_heads * (2 * self.qk_dim + self.head_dim)
+        channels = num_heads * self.qk_dim + self.num_kv_heads * (self.qk_dim + self.head_dim)
         self.conv = nn.Conv1d(channels, channels, conv_size, groups=channels, **kw) if conv_size else None
         self.log_temperature = nn.Parameter(torch.zeros(num_heads, **kw)) if learn_scale else None
         self.log_far_weight = nn.Parameter(torch.zeros(num_heads, **kw)) if learn_far_weight else None
@@ -261,23 +275,26 @@ class HybridAttention(TaylorAttention):
         y = torch.cat([conv_history, y], dim=1)
         history = y[:, y.shape[1] - (self.conv_size - 1):]
         y = self.conv(y.transpose(1, 2)).transpose(1, 2)
-        hq = self.num_heads * self.qk_dim
-        return y[..., :hq], y[..., hq : 2 * hq], y[..., 2 * hq :], history
+        hq, hk = self.num_heads * self.qk_dim, self.num_kv_heads * self.qk_dim
+        return y[..., :hq], y[..., hq : hq + hk], y[..., hq + hk :], history
 
     def forward(self, x, context=None, *, causal: bool = False, key_padding_mask=None):
         if context is not None:
             if self.conv is not None:
                 raise ValueError("conv_size > 0 applies to self-attention; HybridAttention got a context (cross-attention)")
-            q, k, v = self._heads(self.query(x)), self._heads(self.key(context)), self._heads(self.value(context))
+            hk = self.num_kv_heads
+            q, k, v = self._heads(self.query(x)), self._heads(self.key(context), hk), self._heads(self.value(context), hk)
             out = taylor_attention(
-                self._temperature(q), k, v, scale=self.scale, key_padding_mask=key_padding_mask, backend=self.backend
+                self._temperature(q), k, v, scale=self.scale, key_padding_mask=key_padding_mask,
+                enable_gqa=hk != self.num_heads, backend=self.backend,
             )
             return self.out(self._merge(out))
         q, k, v, _ = self._qkv(x, key_padding_mask)
-        q, k, v = self._temperature(self._heads(q)), self._heads(k), self._heads(v)
+        hk = self.num_kv_heads
+        q, k, v = self._temperature(self._heads(q)), self._heads(k, hk), self._heads(v, hk)
         out = hybrid_attention(
             q, k, v, window=self.window, causal=causal, scale=self.scale, key_padding_mask=key_padding_mask,
-            far_weight=self._far_weight(), backend=self.backend,
+            far_weight=self._far_weight(), enable_gqa=hk != self.num_heads, backend=self.backend,
         )
         return self.out(self._merge(out))
 
@@ -291,7 +308,7 @@ class HybridAttention(TaylorAttention):
             raise ValueError("init_cache needs batch_size (self-attention) or context (cross-attention)")
         w = self.value.weight
         acc = accumulate_dtype(w.dtype)
-        h = self.num_heads
+        h = self.num_kv_heads  # the cache holds keys and values only: Hkv heads
         keys = torch.zeros(batch_size, h, self.window, self.qk_dim, dtype=acc, device=w.device)
         values = torch.zeros(batch_size, h, self.window, self.head_dim, dtype=acc, device=w.device)
         state = empty_state(batch_size, h, self.qk_dim, self.head_dim, dtype=acc, device=w.device)
@@ -316,8 +333,10 @@ class HybridAttention(TaylorAttention):
             raise ValueError(f"x must have shape [B, 1, E] or [B, E], got {tuple(x.shape)}")
         q, k, v, conv = self._qkv(x, conv_history=cache.conv)
         acc = cache.keys.dtype
+        hk, g = self.num_kv_heads, self.num_heads // self.num_kv_heads
         q = self._temperature(self._heads(q)[:, :, 0]).to(acc)
-        k, v = self._heads(k)[:, :, 0].to(acc), self._heads(v)[:, :, 0].to(acc)
+        q = q.view(q.shape[0], hk, g, -1)  # [B, Hkv, G, d]: the query heads of each key/value head
+        k, v = self._heads(k, hk)[:, :, 0].to(acc), self._heads(v, hk)[:, :, 0].to(acc)
         t, w = cache.position, self.window
         slot = t % w
         kv, k_sum = cache.state
@@ -329,19 +348,19 @@ class HybridAttention(TaylorAttention):
         index = torch.tensor([slot], device=q.device)
         keys = cache.keys.index_copy(2, index, k.unsqueeze(2))
         values = cache.values.index_copy(2, index, v.unsqueeze(2))
-        s = self.scale * torch.einsum("bhd,bhwd->bhw", q, keys)
+        s = self.scale * torch.einsum("bkgd,bkwd->bkgw", q, keys)
         inside = torch.arange(w, device=q.device) <= t  # all slots once t >= W - 1
         fq = taylor_feature_map(q, self.scale)
-        num_f = torch.einsum("bhm,bhmv->bhv", fq, kv)
-        den_f = torch.einsum("bhm,bhm->bh", fq, k_sum)
+        num_f = torch.einsum("bkgm,bkmv->bkgv", fq, kv)
+        den_f = torch.einsum("bkgm,bkm->bkg", fq, k_sum)
         if self.log_far_weight is not None:
-            fw = self._far_weight().to(acc).view(1, -1)
+            fw = self._far_weight().to(acc).view(1, hk, g)
             num_f, den_f = num_f * fw.unsqueeze(-1), den_f * fw
         m = torch.where(inside, s, torch.full_like(s, float("-inf"))).amax(-1)
         m = torch.where(den_f > 0, m.clamp_min(0.0), m)
         p = torch.where(inside, torch.exp(s - m.unsqueeze(-1)), torch.zeros_like(s))
         far = torch.exp(-m.clamp_min(0.0))
-        num = torch.einsum("bhw,bhwv->bhv", p, values) + far.unsqueeze(-1) * num_f
+        num = torch.einsum("bkgw,bkwv->bkgv", p, values) + far.unsqueeze(-1) * num_f
         den = p.sum(-1) + far * den_f
         out = (num / den.unsqueeze(-1)).to(x.dtype)  # den >= exp(0) or >= 1/2 * exp(-m): never 0
         out = self.out(out.reshape(out.shape[0], 1, -1))

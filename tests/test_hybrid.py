@@ -82,6 +82,27 @@ def test_far_weight_matches_definition_and_gets_gradients(causal):
         hybrid_attention(q, k, v, window=5, far_weight=torch.ones(2))
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_grouped_query_attention_matches_repeated_heads(causal):
+    """enable_gqa: k, v with Hkv heads == the same call on heads repeated SDPA-style; gradients summed over groups."""
+    b, h, hk, L = 2, 6, 2, 29
+    gen = torch.Generator().manual_seed(seed_for("gqa", causal))
+    q = torch.randn(b, h, L, 8, generator=gen, requires_grad=True)
+    k = torch.randn(b, hk, L, 8, generator=gen, requires_grad=True)
+    v = torch.randn(b, hk, L, 5, generator=gen, requires_grad=True)
+    m = torch.rand(b, L, generator=gen) < 0.3
+    out = hybrid_attention(q, k, v, window=6, causal=causal, key_padding_mask=m, enable_gqa=True, backend="cpu")
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = hybrid_attention_reference(q64, k64.repeat_interleave(h // hk, 1), v64.repeat_interleave(h // hk, 1),
+                                     window=6, causal=causal, key_padding_mask=m)
+    assert max_rel_err(out, ref) < 2e-5
+    g = torch.randn(out.shape, generator=gen)
+    for a, r in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q64, k64, v64), g.double())):
+        assert a.shape == r.shape and max_rel_err(a, r) < 1e-4
+    with pytest.raises(ValueError):
+        hybrid_attention(q, k, v, window=6, causal=causal)  # a head mismatch without enable_gqa stays an error
+
+
 def test_gradcheck_float64():
     q, k, v, m = make_inputs(1, 2, 11, 11, 3, 2, seed=5, mask="random", dtype=torch.float64, requires_grad=True)
     m[0, 0] = False
@@ -176,9 +197,10 @@ def reference_module(attn: HybridAttention, x, *, causal, key_padding_mask=None)
         taps = p["conv.weight"][:, 0]  # [C, K]: out_t = sum_i taps[:, i] * y_{t - (K - 1) + i}
         ypad = torch.nn.functional.pad(y, (0, 0, attn.conv_size - 1, 0))
         y = sum(taps[:, i] * ypad[:, i : i + length] for i in range(attn.conv_size)) + p["conv.bias"]
-        hq = h * attn.qk_dim
-        q, k, v = y[..., :hq], y[..., hq : 2 * hq], y[..., 2 * hq :]
-    q, k, v = (t.view(b, length, h, -1).transpose(1, 2) for t in (q, k, v))
+        hq, hk = h * attn.qk_dim, attn.num_kv_heads * attn.qk_dim
+        q, k, v = y[..., :hq], y[..., hq : hq + hk], y[..., hq + hk :]
+    q = q.view(b, length, h, -1).transpose(1, 2)
+    k, v = (t.view(b, length, attn.num_kv_heads, -1).transpose(1, 2) for t in (k, v))
     if attn.log_temperature is not None:
         q = q * p["log_temperature"].exp()[None, :, None, None]
     far_weight = p["log_far_weight"].exp() if attn.log_far_weight is not None else None
@@ -195,6 +217,8 @@ MODULES = [
                  id="E16-H2-W4-headdim-temp-nobias"),
     pytest.param(dict(embed_dim=24, num_heads=3, window=6, learn_far_weight=True, conv_size=2),
                  id="E24-H3-W6-farweight-conv2"),
+    pytest.param(dict(embed_dim=32, num_heads=4, num_kv_heads=2, window=5, feature_dim=6, conv_size=3,
+                      learn_far_weight=True, learn_scale=True), id="E32-H4-KV2-W5-gqa-conv3"),
 ]
 
 
@@ -235,6 +259,7 @@ def test_decoding_cache_matches_full_sequence(kw):
         outs.append(out_t)
         assert {t_.numel() for t_ in (cache.keys, cache.values, *cache.state)} == sizes
     assert isinstance(cache, HybridAttentionCache) and cache.position == x.shape[1]
+    assert cache.keys.shape[1] == attn.num_kv_heads and cache.state.kv.shape[1] == attn.num_kv_heads
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=2e-5, rtol=2e-5)
     out_2d, _ = attn.step(x[:, 0], attn.init_cache(batch_size=3))  # [B, E] in, [B, E] out
     torch.testing.assert_close(out_2d, full[:, 0], atol=2e-5, rtol=2e-5)
