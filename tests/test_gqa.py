@@ -292,3 +292,31 @@ def test_gqa_end_aligned_torch_compile_fullgraph(backend):
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     out.sum().backward()
     assert model.kv.weight.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_taylor_attention_module_with_num_kv_heads(backend):
+    """nn.TaylorAttention(num_kv_heads=...): forward == the same module math on repeated key/value heads; the
+    decoding cache has Hkv heads and its steps reproduce the causal forward; cross-attention caches too."""
+    torch.manual_seed(0)
+    attn = la.nn.TaylorAttention(24, 6, num_kv_heads=2, feature_dim=5, backend=backend).double()
+    assert attn.key.out_features == 2 * 5 and attn.value.out_features == 2 * 4
+    x = torch.randn(2, 13, 24, dtype=torch.float64)
+    q = attn._heads(attn.query(x))
+    k, v = attn._heads(attn.key(x), 2), attn._heads(attn.value(x), 2)
+    for causal in (False, True):
+        want = attn.out(attn._merge(expected(q, k, v, causal=causal, scale=attn.scale)))
+        assert max_rel_err(attn(x, causal=causal), want) < 1e-10
+    cache = attn.init_cache(batch_size=2)
+    assert cache.state.kv.shape == (2, 2, la.feature_dim(5), 4)
+    outs = []
+    for t in range(x.shape[1]):
+        o, cache = attn.step(x[:, t : t + 1], cache)
+        outs.append(o)
+    assert max_rel_err(torch.cat(outs, 1), attn(x, causal=True)) < 1e-10
+    ctx = torch.randn(2, 9, 24, dtype=torch.float64)
+    cross = attn.init_cache(context=ctx)
+    o, _ = attn.step(x[:, :1], cross)
+    assert max_rel_err(o, attn(x[:, :1], ctx)) < 1e-10
+    with pytest.raises(ValueError, match=r"num_kv_heads \(4\) must be a positive divisor of num_heads \(6\)"):
+        la.nn.TaylorAttention(24, 6, num_kv_heads=4)
