@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from experiments.common.errors import report_expected_failure
+
 from . import data as data_mod
 from .dist import DistContext, setup, teardown
 from .model import VARIANTS, build_model, count_trainable_parameters
@@ -19,15 +21,20 @@ from .report import best_runs, markdown_tables, write_json, write_plots
 from .train import RunConfig, StopRequested, train_config
 
 EXIT_STOPPED = 3
+PROG = "python -m experiments.octmnist"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.octmnist",
+    p = argparse.ArgumentParser(prog=PROG,
                                 description="OCTMNIST CNN learning-rate sweep (course homework 2, Q2).")
     p.add_argument("--data-root", default=None,
                    help="folder holding octmnist.npz (default: medmnist's ~/.medmnist)")
-    p.add_argument("--download", choices=("auto", "yes", "no"), default="auto",
-                   help="auto: use the local file when present, else let medmnist download it")
+    p.add_argument("--download", choices=data_mod.DOWNLOAD_CHOICES, default="auto",
+                   help="auto: use the local file when it passes its MD5 check, else download it (resumed, retried, "
+                        "checked); yes: download it again; no: never download")
+    p.add_argument("--url", default=data_mod.OCTMNIST_URL, help="where to download octmnist.npz (a mirror, a file:// URL or a local path)")
+    p.add_argument("--checksum", default=data_mod.OCTMNIST_MD5,
+                   help="expected MD5 of octmnist.npz (default: medmnist's); 'none' skips it, for a synthetic or other local copy")
     p.add_argument("--out", default="runs/octmnist", help="run folder (results, tables, plots, checkpoints)")
     p.add_argument("--lrs", type=float, nargs="+", default=[0.1, 0.01, 0.001])
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
@@ -55,7 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run the sweep; an expected failure (missing or corrupt data, network, refused run folder, missing
+    package) prints one line and returns 2."""
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except Exception as e:
+        code = report_expected_failure(e, PROG)
+        if code is None:
+            raise
+        return code
+
+
+def _main(args) -> int:
     ctx = setup(args.device, args.backend)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -74,7 +93,8 @@ def _run(args, ctx: DistContext, log) -> int:
     if ctx.is_main:
         existing = os.path.isdir(ckpt_dir) and any(f.endswith(".ckpt") for f in os.listdir(ckpt_dir))
         if existing and not args.resume:
-            log(f"error: {ckpt_dir} already holds checkpoints; pass --resume or choose another --out")
+            print(f"{PROG}: error: {ckpt_dir} already holds checkpoints; pass --resume or choose another --out",
+                  file=sys.stderr, flush=True)
             code = 2
         else:
             code = 0
@@ -87,7 +107,8 @@ def _run(args, ctx: DistContext, log) -> int:
 
     t0 = time.perf_counter()
     limits = {"train": args.limit_train, "val": args.limit_val, "test": args.limit_test}
-    d = data_mod.load_octmnist(args.data_root, args.download, limits)
+    md5 = None if args.checksum.lower() == "none" else args.checksum
+    d = data_mod.load_octmnist(args.data_root, args.download, limits, url=args.url, md5=md5, progress=not args.no_progress)
     log(f"OCTMNIST: {len(d['train'])} train / {len(d['val'])} val / {len(d['test'])} test images "
         f"(device {ctx.device}, {ctx.world_size} process(es){', ' + args.dist_mode if ctx.enabled else ''})")
     params = {}

@@ -113,8 +113,10 @@ def test_normalization_values():
 def test_split_ranges_match_the_course():
     s = split_ranges(13100)
     assert (s["train"], s["validation"], s["test"]) == (range(0, 9825), range(9825, 10480), range(10480, 13100))
-    small = split_ranges(100)
+    small = split_ranges(100, scale=True)
     assert sum(len(r) for r in small.values()) == 100 and len(small["train"]) == 75
+    with pytest.raises(asr_data.CorpusError, match="13,100 clips, the corpus has 13,099"):
+        split_ranges(13099)  # LJ Speech with a line missing is not silently rescaled
 
 
 @pytest.fixture(scope="module")
@@ -138,11 +140,11 @@ def test_synthetic_corpus_layout_and_loader(corpus, tmp_path):
     store = FeatureStore.build(corpus, config, tmp_path / "cache", progress=False)
     assert len(store) == 24
     again = FeatureStore.build(corpus, config, tmp_path / "cache", progress=False)  # reused, not recomputed
-    assert again.folder == store.folder and len(list((tmp_path / "cache").iterdir())) == 1
+    assert again.folder == store.folder and [p.name for p in (tmp_path / "cache").iterdir() if p.suffix != ".lock"] == [store.folder.name]
     front = LogMelFrontEnd(config)
     torch.testing.assert_close(store[5], front.features(*load_wav(corpus / "wavs" / f"{clips[5].id}.wav")))
 
-    ds = ASRDataset(store, clips, split_ranges(len(clips))["test"], Tokenizer())
+    ds = ASRDataset(store, clips, split_ranges(len(clips), scale=True)["test"], Tokenizer())
     feats, tokens, index, frames = ds[0]
     assert feats.shape == (80, 300) and tokens.shape == (99,) and index == 19
     assert frames == min(store.frames(19), 300) and (feats[:, frames:] == 0).all()

@@ -16,7 +16,7 @@ from experiments.octmnist.synthetic import write_synthetic_npz
 from experiments.octmnist.train import epoch_order
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-COMMON = ["--no-progress", "--no-plots", "--download", "no"]
+COMMON = ["--no-progress", "--no-plots", "--download", "no", "--checksum", "none"]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_npz_in_medmnist_format_loads_through_medmnist_class(synth_root, tmp_pat
         ds = OCTMNIST(split=split, root=synth_root, download=False)  # medmnist finds the file by its name
         np.testing.assert_array_equal(ds.imgs, raw[f"{split}_images"])
 
-    val = load_split("val", synth_root, download="no")
+    val = load_split("val", synth_root, download="no", md5=None)
     assert val.images.dtype == torch.uint8 and tuple(val.images.shape) == (200, 28, 28)
     assert val.labels.dtype == torch.int64 and tuple(val.labels.shape) == (200,)
     np.testing.assert_array_equal(val.labels.numpy(), raw["val_labels"][:, 0])
@@ -62,10 +62,10 @@ def test_npz_in_medmnist_format_loads_through_medmnist_class(synth_root, tmp_pat
     assert x.dtype == torch.float32 and tuple(x.shape) == (200, 1, 28, 28)
     np.testing.assert_array_equal(x[:, 0].numpy(), raw["val_images"].astype(np.float64) / 256)
     assert float(x.max()) == 255 / 256  # divided by 256, not 255
-    assert len(load_split("train", synth_root, download="no", limit=37)) == 37
+    assert len(load_split("train", synth_root, download="no", limit=37, md5=None)) == 37
 
-    with pytest.raises(RuntimeError, match="not found"):
-        load_split("train", str(tmp_path / "empty"), download="no")
+    with pytest.raises(FileNotFoundError, match=r"octmnist\.npz not found; pass --download auto .* --data-root"):
+        load_split("train", str(tmp_path / "empty"), download="no", md5=None)
 
 
 def test_course_subset_known_answer():
@@ -141,7 +141,7 @@ def test_output_size_after_each_layer(no_maxpool, expected):
 def test_learns_easy_synthetic_task_and_writes_run_folder(synth_root, tmp_path):
     out = str(tmp_path / "run")
     rc = main(["--data-root", synth_root, "--out", out, "--epochs", "2", "--lrs", "0.05",
-               "--no-progress", "--download", "no"])
+               "--no-progress", "--download", "no", "--checksum", "none"])
     assert rc == 0
     res = _results(out)
     assert [r["name"] for r in res["runs"]] == ["maxpool_lr0.05", "no_maxpool_lr0.05"]
@@ -157,7 +157,7 @@ def test_learns_easy_synthetic_task_and_writes_run_folder(synth_root, tmp_path):
         assert r["course_subset_size"] == sum(r["course_subset_counts"]) <= 529
         assert r["trainable_parameters"] == 224_892
     # an untrained network is at chance on the same data, so the threshold is not met by construction
-    val = load_split("val", synth_root, download="no")
+    val = load_split("val", synth_root, download="no", md5=None)
     torch.manual_seed(42)
     with torch.no_grad():
         acc0 = (CNN().eval()(to_inputs(val.images)).argmax(1) == val.labels).float().mean().item()

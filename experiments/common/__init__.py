@@ -1,0 +1,1 @@
+"""Pieces both experiments share: resumable verified downloads, cross-process file locks, expected errors."""
