@@ -118,6 +118,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "numpy"],
         "bench": ["pytest-benchmark>=4", "matplotlib", "numpy"],
+        # linattn_cuda.integrations.transformers (the oldest version tested: see MIN_TRANSFORMERS there)
+        "transformers": ["transformers>=4.53"],
     },
     ext_modules=[_extension()],
     cmdclass={"build_ext": _BuildExtension.with_options(use_ninja=True)},
