@@ -14,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from experiments.common.errors import report_expected_failure
+
 from .models import ATTENTION_KINDS, CROSS_ATTENTION_KINDS, DECODERS, ModelConfig
 from .train import MASK_PADDING, TrainConfig
 
@@ -69,7 +71,9 @@ def _train_parser(sub) -> None:
     g.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
     g.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on GPU")
     g.add_argument("--num-workers", type=int, default=d.num_workers)
-    g.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoint.pt")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from <run-dir>/checkpoint.pt; every setting that changes results must match the checkpoint's")
+    g.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --run-dir (default: refuse a non-empty folder)")
     g.add_argument("--no-progress", dest="progress", action="store_false")
     g.add_argument("--examples", type=int, default=d.examples)
     g.add_argument("--crash-after-epoch", type=int, default=None, help=argparse.SUPPRESS)
@@ -88,13 +92,20 @@ def _config(args) -> TrainConfig:
     return TrainConfig(model=model, **values)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.asr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+PROG = "python -m experiments.asr"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("download", help="download, verify and extract LJ Speech 1.1")
     p.add_argument("--data-dir", default="data")
-    p.add_argument("--url", default=TrainConfig.url)
-    p.add_argument("--checksum", default=TrainConfig.sha256, help="expected sha256 ('none' to skip)")
+    p.add_argument("--url", default=TrainConfig.url, help="the archive: an http(s) URL (a mirror), a file:// URL or a local path")
+    p.add_argument("--checksum", default=TrainConfig.sha256,
+                   help="expected sha256 of the archive ('none' to skip; the official archive's size and 13,100 clips are checked anyway)")
+    p.add_argument("--retries", type=int, default=8, help="attempts after failures in a row without new data (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds without an answer or data before an attempt fails")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
     p = sub.add_parser("synth", help="write a synthetic corpus in LJ Speech layout (tones, or espeak-ng speech)")
     p.add_argument("--out", required=True)
     p.add_argument("--engine", choices=("tones", "espeak"), default="tones",
@@ -117,13 +128,29 @@ def main(argv=None) -> int:
     p = sub.add_parser("report", help="one results table for several run folders")
     p.add_argument("runs", nargs="+")
     p.add_argument("--out", default=None, help="also write the table to this file")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv=None) -> int:
+    """Run one subcommand; an expected failure (missing data, network, checksum, run folder, missing optional
+    package) prints one line ``... error: <message>`` and returns 2, anything else keeps its traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except Exception as e:
+        code = report_expected_failure(e, PROG)
+        if code is None:
+            raise
+        return code
+
+
+def _run(args) -> int:
     if args.command == "download":
         from .data import prepare_ljspeech
 
         sha = None if args.checksum and args.checksum.lower() == "none" else args.checksum
-        print(prepare_ljspeech(Path(args.data_dir), url=args.url, sha256=sha))
+        print(prepare_ljspeech(Path(args.data_dir), url=args.url, sha256=sha, progress=args.progress, retries=args.retries,
+                               timeout=args.timeout))
     elif args.command == "synth" and args.engine == "espeak":
         from .espeak import RATES, VOICES, make_espeak_corpus
 

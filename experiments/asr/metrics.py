@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Dict, List, Sequence, Tuple
 
-import textdistance
-
 from .tokenizer import STOP_ID
 
 METRICS = ("jaccard", "cosine", "damerau_levenshtein")
@@ -32,6 +30,8 @@ def cut_pair(target: Sequence[int], prediction: Sequence[int]) -> Tuple[List[int
 
 
 def similarities(target: Sequence[int], prediction: Sequence[int]) -> Dict[str, float]:
+    import textdistance  # imported here so that the command lines (--help) work without it
+
     t, p = cut_pair(target, prediction)
     return {
         "jaccard": textdistance.jaccard.normalized_similarity(t, p),

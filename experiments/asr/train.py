@@ -39,7 +39,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from .data import LJSPEECH_SHA256, LJSPEECH_URL, ASRDataset, FeatureStore, collate, prepare_ljspeech, read_metadata, split_ranges
+from .data import LJSPEECH_CLIPS, LJSPEECH_SHA256, LJSPEECH_URL, ASRDataset, FeatureStore, collate, prepare_ljspeech, read_metadata, split_ranges
+from experiments.common.errors import ExperimentError
+
 from .decode import greedy_decode
 from .features import FrontEndConfig
 from .metrics import METRICS, cut_pair, sum_similarities
@@ -49,6 +51,16 @@ from .tokenizer import Tokenizer
 __all__ = ["TrainConfig", "MASK_PADDING", "resolve_mask_padding", "lr_factor", "train"]
 
 CHECKPOINT = "checkpoint.pt"
+# What a run writes into its folder (removed by --overwrite; anything else there is left alone).
+RUN_OUTPUTS = (CHECKPOINT, CHECKPOINT + ".tmp", "config.json", "results.json", "results.md", "examples.md", "predictions.tsv", "plots")
+# Settings that may differ on --resume: where data and outputs live, how the run is shown, how long it goes on
+# (the LR schedule does not depend on epochs). Every other TrainConfig / ModelConfig field must match.
+RESUME_MAY_DIFFER = frozenset({"run_dir", "resume", "overwrite", "progress", "epochs", "num_workers", "examples",
+                               "crash_after_epoch", "download", "cache_dir"})
+# Command-line spellings of fields whose flag is not "--" + the field name with dashes.
+_FLAGS = {"sha256": "--checksum", "filterbank_rate": "--mel-rate", "amp": "--no-amp", "download": "--no-download",
+          "progress": "--no-progress", "masked": "--mask-padding", "model.max_frames": "--max-frames",
+          "model.max_len": "--max-chars", "model.softmax_feature_dim": "--feature-dim"}
 
 
 @dataclass
@@ -84,6 +96,7 @@ class TrainConfig:
     amp: bool = True                       # bf16 autocast on CUDA (ignored on CPU)
     num_workers: int = 2
     resume: bool = False
+    overwrite: bool = False                # replace the outputs of a finished or interrupted run in run_dir
     progress: bool = True
     examples: int = 10
     # padding: "auto" masks the padded encoder frames (encoder self-attention, decoder cross-attention, decoding
@@ -113,6 +126,86 @@ def resolve_mask_padding(mask_padding: str, model: ModelConfig) -> bool:
     if mask_padding not in MASK_PADDING:
         raise ValueError(f"mask_padding must be one of {MASK_PADDING}, got {mask_padding!r}")
     return model.uses_taylor if mask_padding == "auto" else mask_padding == "on"
+
+
+class RunFolderError(ExperimentError):
+    """The run folder holds another run (no --resume/--overwrite), or --resume would mix settings."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _flag(key: str) -> str:
+    return _FLAGS.get(key) or "--" + key.split(".")[-1].replace("_", "-")
+
+
+def resume_differences(saved: dict, cfg: "TrainConfig") -> List[str]:
+    """Settings (dotted field names, ``model.width``) of ``cfg`` that differ from a checkpoint's config ``saved``,
+    except :data:`RESUME_MAY_DIFFER`; a field missing from an older checkpoint counts with its default."""
+    old = _flat(TrainConfig.from_dict(saved).as_dict())
+    new = _flat(cfg.as_dict())
+    return [k for k in sorted(old.keys() | new.keys())
+            if k.split(".")[0] not in RESUME_MAY_DIFFER and old.get(k) != new.get(k)]
+
+
+def check_run_dir(cfg: "TrainConfig") -> Optional[dict]:
+    """Refuse a run folder that would be overwritten or resumed with other settings; return the checkpoint
+    to resume from (``None``: start from epoch 1).
+
+    * not empty, and neither ``resume`` nor ``overwrite``: refused (nothing is touched);
+    * ``resume`` with ``checkpoint.pt``: every setting that changes results must equal the checkpoint's
+      (:func:`resume_differences`); the message names each one that differs, old and new value;
+    * ``resume`` without a checkpoint starts from epoch 1; ``overwrite`` lets :func:`train` remove the
+      previous outputs (:data:`RUN_OUTPUTS`).
+    """
+    run_dir = Path(cfg.run_dir)
+    if cfg.resume and cfg.overwrite:
+        raise RunFolderError("--resume and --overwrite exclude each other")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"--run-dir {run_dir} is a file, not a folder")
+    ckpt_path = run_dir / CHECKPOINT
+    if not cfg.resume:
+        entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+        if entries and not cfg.overwrite:
+            shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+            raise RunFolderError(f"--run-dir {run_dir} is not empty ({shown}); pass --resume to continue that run, "
+                                 "--overwrite to replace it, or choose another --run-dir")
+        return None
+    if not ckpt_path.exists():
+        print(f"--resume: no {ckpt_path} yet, starting from epoch 1", flush=True)
+        return None
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved = ckpt["config"]
+    except Exception as e:  # an unreadable checkpoint is never resumed from
+        raise RunFolderError(f"--resume: cannot read {ckpt_path} ({type(e).__name__}: {e}); "
+                             "pass --overwrite to start the run again") from e
+    old = _flat(TrainConfig.from_dict(saved).as_dict())
+    new = _flat(cfg.as_dict())
+    diffs = resume_differences(saved, cfg)
+    if diffs:
+        listed = "; ".join(f"{k} ({_flag(k)}): {old.get(k)!r} in the checkpoint, {new.get(k)!r} now" for k in diffs)
+        raise RunFolderError(f"--resume: {ckpt_path} was written with other settings: {listed}; "
+                             "resume with the checkpoint's values, or pass --overwrite (or another --run-dir) to start again")
+    return ckpt
+
+
+def _remove_outputs(run_dir: Path) -> None:
+    import shutil
+
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def lr_factor(epoch: int, warmup: int = 2, decay: int = 12, floor: float = 0.01) -> float:
@@ -269,20 +362,24 @@ def evaluate(model, loader, cfg: TrainConfig, device, env: Dist, tokenizer: Toke
 
 def _data(cfg: TrainConfig, env: Dist):
     front = FrontEndConfig(n_mels=cfg.model.n_mels, filterbank_rate=cfg.filterbank_rate, max_frames=cfg.max_frames)
+    # Every rank calls the same preparation; each step (download, extraction, feature cache) runs under a lock
+    # file, so one process does it while the others wait on the lock -- not in a collective, so no
+    # process-group timeout fires however long it takes -- and then reuse the result.
     if cfg.corpus_dir:
         corpus = Path(cfg.corpus_dir)
-    elif env.main:
+    else:
         corpus = prepare_ljspeech(Path(cfg.data_dir), download_if_missing=cfg.download, url=cfg.url, sha256=cfg.sha256, progress=cfg.progress)
-    if env.main:
-        store = FeatureStore.build(corpus, front, Path(cfg.cache_dir) if cfg.cache_dir else None, progress=cfg.progress)
-    env.barrier()
-    if not env.main:
-        corpus = Path(cfg.corpus_dir) if cfg.corpus_dir else prepare_ljspeech(Path(cfg.data_dir), download_if_missing=False)
-        store = FeatureStore(FeatureStore.folder_for(corpus, front, Path(cfg.cache_dir) if cfg.cache_dir else None))
+    store = FeatureStore.build(corpus, front, Path(cfg.cache_dir) if cfg.cache_dir else None, progress=cfg.progress)
     clips = read_metadata(corpus)
     tokenizer = Tokenizer(cfg.max_chars)
     sets = {}
-    for name, rng in split_ranges(len(clips)).items():
+    # prepare_ljspeech guarantees the official archive's 13,100 clips; another corpus (--corpus-dir, or an archive
+    # given by --url/--checksum) gets the course's splits scaled, and says so
+    splits = split_ranges(len(clips), scale=True)
+    if env.main and len(clips) != LJSPEECH_CLIPS:
+        print(f"{corpus}: {len(clips):,} clips, not LJ Speech's {LJSPEECH_CLIPS:,}: the course's splits scaled to "
+              f"{'/'.join(str(len(r)) for r in splits.values())} (train/validation/test)", flush=True)
+    for name, rng in splits.items():
         limit = cfg.limit_train if name == "train" else cfg.limit_eval
         indices = list(rng)[:limit] if limit else list(rng)
         sets[name] = ASRDataset(store, clips, indices, tokenizer)
@@ -305,7 +402,10 @@ def train(cfg: TrainConfig) -> Optional[dict]:
         raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({env.world})")
     run_dir = Path(cfg.run_dir)
     ckpt_path = run_dir / CHECKPOINT
+    ckpt = check_run_dir(cfg)  # every rank, before any collective: all raise alike
     if env.main:
+        if cfg.overwrite:
+            _remove_outputs(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
     env.barrier()
 
@@ -315,12 +415,7 @@ def train(cfg: TrainConfig) -> Optional[dict]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history: List[dict] = []
     start_epoch = 0
-    if cfg.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        saved = TrainConfig.from_dict(ckpt["config"])
-        for key in ("model", "epochs", "batch_size", "lr", "seed", "max_frames", "max_chars", "masked"):
-            if getattr(saved, key) != getattr(cfg, key):
-                raise ValueError(f"--resume: {key} differs from the checkpoint ({getattr(saved, key)} vs {getattr(cfg, key)})")
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         history, start_epoch = ckpt["history"], ckpt["epoch"] + 1
