@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", exc_type=ImportError)
 
 import linattn_cuda as la  # noqa: E402
 from linattn_cuda._extension import has_kernel  # noqa: E402
