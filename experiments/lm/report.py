@@ -2,7 +2,7 @@
 
 A run folder gets ``results.json`` and ``results.md`` (:func:`write_run`). ``python -m experiments.lm report
 RUN... --out DIR`` writes ``DIR/results.md`` (one row per run, then one row per configuration with the mean
-and sample standard deviation over its seeds, and the seeds' values) and ``DIR/curves.png`` (training loss,
+and sample standard deviation over its seeds, and the seeds' values, and the gap to the softmax baseline paired by seed) and ``DIR/curves.png`` (training loss,
 a 50-step moving average in bits/char, and the validation curve of every run).
 
 A configuration is everything in the run's config except the seed and how it was executed (run dir,
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 from typing import Dict, Iterable, List, Sequence
 
@@ -20,6 +21,7 @@ __all__ = ["write_run", "load_runs", "label", "runs_table", "summary_table", "pl
 
 _EXECUTION = {"run_dir", "threads", "progress", "device", "resume", "stop_after", "seed", "checkpoint_every",
               "eval_batch_size"}
+ATTENTION_ORDER = {"softmax": 0, "taylor": 1, "hybrid": 2}
 _MODEL_DEFAULTS = {"width": 128, "layers": 2, "heads": 4, "mlp_ratio": 4, "context": 256, "pos": "learned",
                    "tie_head": True, "backend": "auto"}
 
@@ -33,6 +35,9 @@ def write_run(run_dir: Path, results: dict) -> None:
 def load_runs(run_dirs: Iterable[Path]) -> List[dict]:
     runs = []
     for d in run_dirs:
+        if not (Path(d) / "results.json").exists():
+            print(f"[report: skipping {d}: no results.json (unfinished run?)]", file=sys.stderr)
+            continue
         r = json.loads((Path(d) / "results.json").read_text())
         r["_dir"] = str(d)
         runs.append(r)
@@ -62,7 +67,13 @@ def label(r: dict) -> str:
     if m["attention"] in ("taylor", "hybrid"):
         parts.append(f"fd={m.get('feature_dim') or 'head'}")
     if m["attention"] == "hybrid":
-        parts.extend(f"{k}={v}" for k, v in sorted(m.get("hybrid", {}).items()))
+        options = dict(m.get("hybrid", {}))
+        parts.append(f"window={options.pop('window', '?')}")
+        if options.pop("conv_size", 0):
+            parts.append(f"conv={m['hybrid']['conv_size']}")
+        if options.pop("learn_scale", False):
+            parts.append("learn_scale")
+        parts.extend(f"{k}={v}" for k, v in sorted(options.items()))
     parts.extend(f"{k}={m[k]}" for k, v in _MODEL_DEFAULTS.items() if k in m and m[k] != v)
     parts.append(f"lr={r['config']['lr']:g}")
     return " ".join(parts)
@@ -87,18 +98,42 @@ def _groups(runs: Sequence[dict]) -> Dict[str, List[dict]]:
     return groups
 
 
+def _reference(groups: Dict[str, List[dict]]):
+    """The softmax configuration with the most seeds (then the lowest mean): the baseline of the gap column."""
+    soft = [g for g in groups.values() if g[0]["config"]["model"]["attention"] == "softmax"]
+    if not soft:
+        return None
+    return min(soft, key=lambda g: (-len(g), statistics.mean(r["val_bits_per_char"] for r in g)))
+
+
 def summary_table(runs: Sequence[dict]) -> str:
-    """One row per configuration: seeds, mean ± sample std of val bits/char, min..max, per-seed values."""
-    lines = ["| Configuration | Params | Seeds | Val bits/char mean ± std | min .. max | Per seed |",
-             "|---|---|---|---|---|---|"]
-    for group in _groups(runs).values():
+    """One row per configuration: seeds, mean ± sample std of val bits/char, min..max, per-seed values, and the
+    gap to the reference softmax configuration (:func:`_reference`) as the mean of per-seed differences over the
+    seeds both have (same seed = same batches), ± their sample std."""
+    groups = dict(sorted(_groups(runs).items(), key=lambda kv: (ATTENTION_ORDER.get(kv[1][0]["config"]["model"]["attention"], 9),
+                                                                 label(kv[1][0]))))
+    ref = _reference(groups)
+    ref_by_seed = {r["config"]["seed"]: r["val_bits_per_char"] for r in ref} if ref else {}
+    lines = ["| Configuration | Params | Seeds | Val bits/char mean ± std | min .. max | Per seed | "
+             "Δ vs softmax (paired seeds) |", "|---|---|---|---|---|---|---|"]
+    for group in groups.values():
+        is_ref = group is ref
         group = sorted(group, key=lambda r: r["config"]["seed"])
         vals = [r["val_bits_per_char"] for r in group]
         std = statistics.stdev(vals) if len(vals) > 1 else float("nan")
         spread = f"{statistics.mean(vals):.4f} ± {std:.4f}" if len(vals) > 1 else f"{vals[0]:.4f}"
         per_seed = ", ".join(f"{r['config']['seed']}: {v:.4f}" for r, v in zip(group, vals))
+        diffs = [r["val_bits_per_char"] - ref_by_seed[r["config"]["seed"]] for r in group if r["config"]["seed"] in ref_by_seed]
+        if is_ref:
+            gap = "(reference)"
+        elif len(diffs) > 1:
+            gap = f"{statistics.mean(diffs):+.4f} ± {statistics.stdev(diffs):.4f} (n={len(diffs)})"
+        elif diffs:
+            gap = f"{diffs[0]:+.4f} (n=1)"
+        else:
+            gap = ""
         lines.append(f"| {label(group[0])} | {group[0]['parameters']['total']:,} | {len(vals)} | {spread} | "
-                     f"{min(vals):.4f} .. {max(vals):.4f} | {per_seed} |")
+                     f"{min(vals):.4f} .. {max(vals):.4f} | {per_seed} | {gap} |")
     return "\n".join(lines) + "\n"
 
 
@@ -122,11 +157,18 @@ def plot_curves(runs: Sequence[dict], path: Path, *, smooth: int = 50) -> Path:
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ["-", "--", ":", "-."]
+    train_finals, train_lowest, val_finals, val_lowest = [], [], [], []
     for i, group in enumerate(_groups(runs).values()):
         color = colors[i % len(colors)]
         for j, r in enumerate(sorted(group, key=lambda r: r["config"]["seed"])):
             name = f"{label(r)} s{r['config']['seed']}"
             train = _moving_average([x / math.log(2) for x in r["train_loss"]], smooth)
+            if train:
+                train_finals.append(train[-1])
+                train_lowest.append(min(train))
+            if r["validation"]:
+                val_finals.append(r["validation"][-1]["bits_per_char"])
+                val_lowest.append(min(v["bits_per_char"] for v in r["validation"]))
             ax_train.plot(range(1, len(train) + 1), train, color=color, ls=styles[j % len(styles)], lw=1, label=name)
             steps = [v["step"] for v in r["validation"]]
             ax_val.plot(steps, [v["bits_per_char"] for v in r["validation"]], color=color, ls=styles[j % len(styles)],
@@ -137,11 +179,9 @@ def plot_curves(runs: Sequence[dict], path: Path, *, smooth: int = 50) -> Path:
         ax.set_xlabel("step")
         ax.set_ylabel("bits/char")
         ax.grid(True, alpha=0.3)
-    lows = [v["bits_per_char"] for r in runs for v in r["validation"]]
-    if lows:
-        top = sorted(lows)[len(lows) // 2] + 0.6
-        for ax in (ax_train, ax_val):
-            ax.set_ylim(min(lows) - 0.1, top)
+    for ax, finals, lowest in ((ax_train, train_finals, train_lowest), (ax_val, val_finals, val_lowest)):
+        if finals:  # from just below the best value to a bit above the worst final value: the end of training
+            ax.set_ylim(min(lowest) - 0.05, max(finals) + 1.0)
     ax_val.legend(fontsize=6, loc="upper right", ncol=1 if len(runs) <= 12 else 2)
     fig.tight_layout()
     path = Path(path)

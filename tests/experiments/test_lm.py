@@ -21,6 +21,11 @@ from experiments.lm.train import TrainConfig, lr_at, train
 REPO = Path(__file__).resolve().parents[2]
 needs_hybrid = pytest.mark.skipif(not hybrid_available(), reason="linattn_cuda.nn.HybridAttention is not in this checkout")
 KINDS = [pytest.param(k, marks=needs_hybrid) if k == "hybrid" else k for k in ATTENTION_KINDS]
+# (kind, HybridAttention options): every kind, and the hybrid with the rest of the Based recipe
+BASED = {"window": 8, "conv_size": 4, "learn_scale": True}
+CASES = [pytest.param("softmax", None, id="softmax"), pytest.param("taylor", None, id="taylor"),
+         pytest.param("hybrid", None, id="hybrid", marks=needs_hybrid),
+         pytest.param("hybrid", BASED, id="hybrid-conv4-learn_scale", marks=needs_hybrid)]
 
 
 @pytest.fixture(autouse=True)
@@ -96,11 +101,15 @@ def test_validation_windows_tile_the_validation_part():
 
 # ------------------------------------------------------------------------------------------------ model
 
-@pytest.mark.parametrize("kind", KINDS)
+def _variant(kind, options=None, **kw) -> ModelConfig:
+    return _tiny(kind, **({"hybrid": options} if options else {}), **kw)
+
+
+@pytest.mark.parametrize("kind,options", CASES)
 @pytest.mark.parametrize("pos", ["learned", "none"])
-def test_model_shapes(kind, pos):
+def test_model_shapes(kind, options, pos):
     torch.manual_seed(0)
-    model = LanguageModel(_tiny(kind, pos=pos))
+    model = LanguageModel(_variant(kind, options, pos=pos))
     tokens = torch.randint(0, VOCAB_SIZE, (3, 32))
     logits = model(tokens)
     assert logits.shape == (3, 32, VOCAB_SIZE) and torch.isfinite(logits).all()
@@ -118,32 +127,34 @@ def test_parameter_counts_at_the_experiment_shape():
     assert counts["softmax"] - counts["taylor"] == 2 * (2 * 128 * 64 + 64)
 
 
-def test_causal_prefix_invariance():
-    """Logits at position t do not depend on later tokens (for every kind with a causal mask)."""
-    for kind in [k for k in ATTENTION_KINDS if k != "hybrid" or hybrid_available()]:
-        torch.manual_seed(1)
-        model = LanguageModel(_tiny(kind))
-        a = torch.randint(0, VOCAB_SIZE, (2, 20))
-        b = a.clone()
-        b[:, 12:] = torch.randint(0, VOCAB_SIZE, (2, 8))
-        torch.testing.assert_close(model(a)[:, :12], model(b)[:, :12], rtol=1e-5, atol=1e-5, msg=kind)
+@pytest.mark.parametrize("kind,options", CASES)
+def test_causal_prefix_invariance(kind, options):
+    """Logits at position t do not depend on later tokens."""
+    model = _perturbed(kind, options)
+    a = torch.randint(0, VOCAB_SIZE, (2, 20), generator=torch.Generator().manual_seed(2))
+    b = a.clone()
+    b[:, 12:] = torch.randint(0, VOCAB_SIZE, (2, 8))
+    with torch.no_grad():
+        la, lb = model(a), model(b)
+    torch.testing.assert_close(la[:, :12], lb[:, :12], rtol=1e-5, atol=1e-5)
+    assert (la[:, 12:] - lb[:, 12:]).abs().max() > 1e-2  # the later positions do see the change
 
 
-def _perturbed(kind: str, **kw) -> LanguageModel:
+def _perturbed(kind: str, options=None, **kw) -> LanguageModel:
     """A tiny model with larger-than-init weights, so attention rows are far from uniform."""
     torch.manual_seed(3)
-    model = LanguageModel(_tiny(kind, **kw))
+    model = LanguageModel(_variant(kind, options, **kw))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)
     return model.eval()
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_cached_decoding_equals_full_rerun(kind):
+@pytest.mark.parametrize("kind,options", CASES)
+def test_cached_decoding_equals_full_rerun(kind, options):
     """Step-by-step logits through the kind's cache == the full forward at every position (fp32), greedy and
     sampled generation give the same bytes either way, and only the softmax cache grows with the context."""
-    model = _perturbed(kind)
+    model = _perturbed(kind, options)
     tokens = torch.randint(0, VOCAB_SIZE, (2, 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(tokens)
@@ -166,10 +177,10 @@ def test_cached_decoding_equals_full_rerun(kind):
         torch.testing.assert_close(info["logits"], ref["logits"], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", [k for k in KINDS if k != "softmax"])
-def test_fixed_size_cache_runs_past_the_training_context(kind):
+@pytest.mark.parametrize("kind,options", CASES[1:])
+def test_fixed_size_cache_runs_past_the_training_context(kind, options):
     """With pos='none' the Taylor/hybrid cache stays the same size for 3x the training context."""
-    model = _perturbed(kind, pos="none", context=16)
+    model = _perturbed(kind, options, pos="none", context=16)
     tokens, info = generate(model, [65, 66], 46)
     assert len(tokens) == 48 and len(set(info["cache_numel"])) == 1
 
