@@ -312,16 +312,19 @@ def prepare_ljspeech(
                 raise CorpusError(f"{dataset} holds {marker.get('clips')} clips, the official LJ Speech 1.1 has {expected_clips:,}; "
                                   "delete it or pass the --url/--checksum it was prepared with")
             return dataset
+        archive = root / _archive_name(url)
         if dataset.exists():  # no marker: an interrupted extraction, or one by an older version of this code
             try:
                 clips = check_corpus(dataset, expected_clips=expected_clips)
             except CorpusError as e:
+                if not download_if_missing and not archive.exists():  # nothing to rebuild it from: keep it, unused
+                    raise CorpusError(f"{dataset} is incomplete ({e}) and there is no {archive} to extract again; "
+                                      "leave out --no-download to fetch it") from None
                 log(f"{dataset} is incomplete ({e}); extracting it again")
                 _remove_tree(dataset)
             else:
                 _write_marker(dataset, {"clips": len(clips), "sha256": None, "archive": None, "checked": "existing tree"})
                 return dataset
-        archive = root / _archive_name(url)
         if not download_if_missing and not archive.exists():
             raise DataMissingError(f"{dataset} not found (nor {archive}); run `python -m experiments.asr download --data-dir {root}` "
                                    "or leave out --no-download")

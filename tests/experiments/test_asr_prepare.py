@@ -132,9 +132,9 @@ def test_complete_tree_without_marker_is_checked_and_kept(corpus, tmp_path):
     assert (dataset / COMPLETE_MARKER).exists()
     (dataset / COMPLETE_MARKER).unlink()
     (dataset / "wavs" / f"{read_metadata(dataset)[4].id}.wav").unlink()
-    with pytest.raises(FileNotFoundError, match="no-download"):  # incomplete, removed, and nothing to rebuild from
+    with pytest.raises(CorpusError, match=r"is incomplete \(1 of 12 clips .* missing.*no .*LJSpeech-1\.1\.tar\.bz2 to extract again"):
         prepare_ljspeech(root, url="http://127.0.0.1:9/LJSpeech-1.1.tar.bz2", sha256=None, download_if_missing=False, **QUIET)
-    assert not dataset.exists()
+    assert dataset.exists() and not (dataset / COMPLETE_MARKER).exists()  # nothing to rebuild from: kept, not used
 
 
 def test_marker_of_another_archive_is_refused(server, archive, tmp_path):
