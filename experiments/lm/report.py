@@ -155,10 +155,11 @@ def plot_curves(runs: Sequence[dict], path: Path, *, smooth: int = 50) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    groups = _groups(runs)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] if len(groups) <= 10 else list(plt.get_cmap("tab20").colors)
     styles = ["-", "--", ":", "-."]
     train_finals, train_lowest, val_finals, val_lowest = [], [], [], []
-    for i, group in enumerate(_groups(runs).values()):
+    for i, group in enumerate(groups.values()):
         color = colors[i % len(colors)]
         for j, r in enumerate(sorted(group, key=lambda r: r["config"]["seed"])):
             name = f"{label(r)} s{r['config']['seed']}"
