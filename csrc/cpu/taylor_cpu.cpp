@@ -1,6 +1,10 @@
 // Fused C++ CPU kernels of second-order Taylor attention (schemas in csrc/ops.cpp).
 //
-// Every (batch, head) pair is an independent task; tasks run in parallel (at::parallel_for).
+// Every (sequence, head) pair is an independent task -- a sequence is one batch entry of a dense [B, H, L, *]
+// call or one packed sequence of a varlen call (struct Problem) -- and tasks run in parallel, longest first.
+// Grouped-query attention: query head h reads key/value head h / (H / Hkv) in place; the backward and the
+// prefill run a key/value head's query heads in one task, so that dk, dv and the state add up without races.
+// Causal with Lq < Lk is end-aligned: the first Lk - Lq keys, seen by every query, are a prefix state.
 // Inside a task the sequence is processed in chunks of C tokens with GEMM-shaped loops (the BLAS sgemm
 // / dgemm that torch links, called directly without tensor overhead):
 //
