@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .data import LJSPEECH_CLIPS, LJSPEECH_SHA256, LJSPEECH_URL, ASRDataset, FeatureStore, collate, prepare_ljspeech, read_metadata, split_ranges
 from experiments.common.errors import ExperimentError
+from experiments.common.runs import atomic_save, cpu_model
 
 from .decode import greedy_decode
 from .features import FrontEndConfig
@@ -291,11 +292,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
 
 def _loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float, reduction: str = "mean") -> torch.Tensor:
     return F.cross_entropy(logits.float().transpose(1, 2), target, label_smoothing=smoothing, reduction=reduction)
@@ -306,16 +302,6 @@ def _autocast(device: torch.device, enabled: bool):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
-
-def _cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _progress(iterable, enabled: bool, **kw):
@@ -474,7 +460,7 @@ def train(cfg: TrainConfig) -> Optional[dict]:
                   f"jaccard {val['jaccard']:.3f} cosine {val['cosine']:.3f} DL {val['damerau_levenshtein']:.3f} "
                   f"| {record['epoch_seconds']:.1f}s", flush=True)
             module = model.module if hasattr(model, "module") else model
-            _atomic_save({"config": cfg.as_dict(), "epoch": epoch, "model": module.state_dict(),
+            atomic_save({"config": cfg.as_dict(), "epoch": epoch, "model": module.state_dict(),
                           "optimizer": optimizer.state_dict(), "history": history, "rng": rng}, ckpt_path)
         env.barrier()
         if cfg.crash_after_epoch is not None and epoch + 1 == cfg.crash_after_epoch:
@@ -491,7 +477,7 @@ def train(cfg: TrainConfig) -> Optional[dict]:
         "test": test,
         "predictions": [{"id": clips[i].id, "target": t, "prediction": p} for i, t, p in predictions],
         "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-                    "processes": env.world, "torch": torch.__version__, "cpu": _cpu_model(), "threads": torch.get_num_threads()},
+                    "processes": env.world, "torch": torch.__version__, "cpu": cpu_model(), "threads": torch.get_num_threads()},
         "train_seconds_total": sum(h["train_seconds"] for h in history),
         # every epoch (training + validation) and the test pass; resume-safe (sums of recorded times)
         "wall_seconds": sum(h["epoch_seconds"] for h in history) + test_seconds,

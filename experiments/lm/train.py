@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -29,6 +28,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from experiments.common.runs import atomic_save, cpu_model
 from .data import load_corpus, train_batch, validation_windows
 from .model import LanguageModel, ModelConfig, count_parameters
 
@@ -85,15 +85,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -121,11 +112,6 @@ def evaluate(model, windows: torch.Tensor, batch_size: int, device) -> dict:
     loss = total / max(count, 1)
     return {"loss": loss, "bits_per_char": loss / math.log(2), "predictions": count}
 
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _device(name: str) -> torch.device:
@@ -178,7 +164,7 @@ def train(cfg: TrainConfig) -> Optional[dict]:
           f"val windows={val.shape[0]}", flush=True)
 
     def checkpoint(step: int) -> None:
-        _atomic_save({"config": cfg.as_dict(), "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        atomic_save({"config": cfg.as_dict(), "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "history": history, "rng": torch.get_rng_state()}, ckpt_path)
 
     from tqdm.auto import tqdm
