@@ -4,7 +4,7 @@ An :class:`Impl` turns ``q [B,H,L,D], k [B,H,L,D], v [B,H,L,Dv]`` into ``(fn, ar
 timed call, ``args`` are the leaf tensors it differentiates (layout changes and peer-specific inputs are
 prepared outside the timed region). Implementations:
 
-* ``taylor_ref_quadratic``   linattn_cuda.reference.taylor_attention_quadratic (L×L weights materialized)
+* ``taylor_ref_quadratic``   linattn_cuda.ops.taylor.naive.taylor_attention_quadratic (L×L weights materialized)
 * ``taylor_ref_featuremap``  the reference linear forms: taylor_attention_linear (non-causal) and
                              taylor_attention_chunked (causal, C = 64)
 * ``taylor_<backend>``       ``taylor_attention(..., backend=<name>)`` for every registered backend except
@@ -68,13 +68,13 @@ class Impl:
 
 
 def _ref_quadratic(q, k, v, causal):
-    from linattn_cuda.reference import taylor_attention_quadratic
+    from linattn_cuda.ops.taylor.naive import taylor_attention_quadratic
 
     return (lambda q, k, v: taylor_attention_quadratic(q, k, v, causal=causal)), (q, k, v)
 
 
 def _ref_featuremap(q, k, v, causal):
-    from linattn_cuda.reference import taylor_attention_chunked, taylor_attention_linear
+    from linattn_cuda.ops.taylor.naive import taylor_attention_chunked, taylor_attention_linear
 
     if causal:
         return (lambda q, k, v: taylor_attention_chunked(q, k, v)[0]), (q, k, v)
@@ -88,7 +88,7 @@ def _backend_impl(backend: str) -> Impl:
         return (lambda q, k, v: taylor_attention(q, k, v, causal=causal, backend=backend)), (q, k, v)
 
     def availability(device):
-        from linattn_cuda.backends import unavailable_reason
+        from linattn_cuda.ops.dispatch import unavailable_reason
 
         return unavailable_reason(backend, device)
 
@@ -177,7 +177,7 @@ def all_impls() -> list[Impl]:
              mem_per_token=lambda d, dv: 4.0 * (6 * feature_dim(d) + feature_dim(d) * dv / 64 + 2 * dv),
              note="reference linear form (non-causal) / chunked form C=64 (causal)"),
     ]
-    from linattn_cuda.backends import backend_names
+    from linattn_cuda.ops.dispatch import backend_names
 
     impls += [_backend_impl(name) for name in backend_names() if name != "reference"]
     impls += [

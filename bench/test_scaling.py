@@ -231,7 +231,7 @@ def test_scaling(case, benchmark, suite, state, impls_by_name):
     info["flops"] = form_flops(impl.form, length, fd, fdv, causal=case.causal, batch_heads=b * h, mode=case.mode)
 
     if impl.computes_taylor and case.mode == "fwd" and length <= cfg["check_max_len"]:
-        from linattn_cuda.reference import taylor_attention_quadratic
+        from linattn_cuda.ops.taylor.naive import taylor_attention_quadratic
 
         with torch.no_grad():
             out = forward().float()

@@ -33,7 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 # Chunked-kernel configurations timed at the longest L (causal): (C, BDV, warps, fused) and (C, warps, fused).
-# (C, BDV, warps, fused) around the defaults of linattn_cuda/triton/chunk.py (first: the default; then its
+# (C, BDV, warps, fused) around the defaults of linattn_cuda/ops/taylor/triton/chunk.py (first: the default; then its
 # neighbours; last: the previous default, C=32 BDV=32 warps=4 fwd / C=16 warps=8 bwd, as the reference).
 SWEEP_FWD = [(32, 64, 8, True), (64, 64, 8, True), (16, 64, 8, True), (32, 64, 4, True), (16, 32, 4, True),
              (32, 32, 4, True)]
@@ -41,7 +41,7 @@ SWEEP_BWD = [(32, 8, True), (64, 8, True), (32, 4, True), (16, 8, True)]
 
 # (LINATTN_CUDA_DV_SLICE, LINATTN_CUDA_SEGMENTS) for the CUDA causal forward at the longest length
 CUDA_SWEEP = [(64, 1), (32, 1), (64, 2), (32, 2)]
-# (BLOCK_M, BLOCK_DV, num_warps) of the Triton decode step (first: the default of linattn_cuda/triton/step.py)
+# (BLOCK_M, BLOCK_DV, num_warps) of the Triton decode step (first: the default of linattn_cuda/ops/taylor/triton/step.py)
 # (256 and 128 rows: the whole state, or half, in one or two iterations, more programs over narrower columns)
 STEP_SWEEP = [(64, 64, 4), (32, 64, 4), (64, 32, 4), (32, 32, 4), (16, 64, 2), (64, 64, 8), (128, 32, 4), (256, 16, 4)]
 
@@ -101,11 +101,11 @@ def run(out_dir: str, *, dry_run: bool = False, lengths=None, batch=16, heads=16
     import torch
     import triton
 
-    import linattn_cuda.triton.ops  # noqa: F401  (registers torch.ops.linattn_cuda.triton_*)
+    import linattn_cuda.ops.taylor.triton.ops  # noqa: F401  (registers torch.ops.linattn_cuda.triton_*)
     from linattn_cuda._extension import has_kernel
     from linattn_cuda.feature_map import feature_dim
-    from linattn_cuda.triton import chunk as chunk_mod
-    from linattn_cuda.triton.backend import choose_form
+    from linattn_cuda.ops.taylor.triton import chunk as chunk_mod
+    from linattn_cuda.ops.taylor.triton.backend import choose_form
 
     device = "cpu" if dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -172,7 +172,7 @@ def run(out_dir: str, *, dry_run: bool = False, lengths=None, batch=16, heads=16
                        grad_to_none=[q, k, v])
         # the CUDA C++ kernels (csrc/cuda), side by side, when the extension was built with them
         if device == "cuda" and has_kernel("CUDA"):
-            import linattn_cuda.ops  # noqa: F401  (autograd for taylor_fwd)
+            import linattn_cuda.ops.taylor.registration  # noqa: F401  (autograd for taylor_fwd)
 
             for causal in (True, False):
                 def c_fwd(causal=causal):
@@ -279,7 +279,7 @@ def run(out_dir: str, *, dry_run: bool = False, lengths=None, batch=16, heads=16
         del src, dst
     except Exception as exc:  # noqa: BLE001
         log(f"  copy bandwidth failed: {exc}")
-    from linattn_cuda.triton import step as step_mod
+    from linattn_cuda.ops.taylor.triton import step as step_mod
 
     def graphed(fn):
         """``fn`` captured in a CUDA graph: its replay times the kernels without the Python launch cost."""

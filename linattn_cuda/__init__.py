@@ -6,7 +6,7 @@
     out = hybrid_attention(q, k, v, window=64)            # softmax in a window, Taylor beyond it
 """
 from . import nn
-from . import ops as _ops  # noqa: F401  (fake and autograd kernels of torch.ops.linattn_cuda.*, at import)
+from .ops.taylor import registration as _registration  # noqa: F401  (fake and autograd kernels of torch.ops.linattn_cuda.*)
 from ._extension import extension_loaded
 from .api import (
     taylor_attention,
@@ -15,10 +15,10 @@ from .api import (
     taylor_attention_step,
     taylor_attention_varlen,
 )
-from .backends import available_backends, backend_names
+from .ops.dispatch import available_backends, backend_names
 from .feature_map import feature_dim, taylor_feature_map
-from .hybrid import hybrid_attention
-from .reference import TaylorState, empty_state
+from .ops.hybrid.blocked import hybrid_attention
+from .ops.taylor.naive import TaylorState, empty_state
 
 __version__ = "0.1.0"
 

@@ -6,11 +6,11 @@ from typing import Optional
 
 import torch
 
-from . import reference as ref
-from ._checks import check_attention_inputs, check_state, check_step_inputs, check_varlen_inputs
-from .backends import call_features, resolve_backend
+from .ops.taylor import naive as ref
+from .ops.problem import check_attention_inputs, check_state, check_step_inputs, check_varlen_inputs
+from .ops.dispatch import call_features, resolve_backend
 from .feature_map import resolve_scale
-from .reference import TaylorState
+from .ops.taylor.naive import TaylorState
 
 __all__ = [
     "taylor_attention",

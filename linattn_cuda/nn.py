@@ -26,8 +26,8 @@ from torch import nn
 
 from .api import taylor_attention, taylor_attention_step
 from .feature_map import resolve_scale, taylor_feature_map
-from .hybrid import check_window, hybrid_attention
-from .reference import TaylorState, accumulate_dtype, empty_state, repeat_kv, zero_padded_keys
+from .ops.hybrid.blocked import check_window, hybrid_attention
+from .ops.taylor.naive import TaylorState, accumulate_dtype, empty_state, repeat_kv, zero_padded_keys
 
 __all__ = ["TaylorAttention", "TaylorAttentionCache", "HybridAttention", "HybridAttentionCache", "context_state"]
 
@@ -197,7 +197,7 @@ class HybridAttentionCache(NamedTuple):
 
 class HybridAttention(TaylorAttention):
     """Multi-head hybrid attention: exact softmax weights over the last ``window`` keys, the Taylor weight
-    ``1 + s + s^2/2`` beyond them, one normalizer (see :mod:`linattn_cuda.hybrid`); linear cost in the length,
+    ``1 + s + s^2/2`` beyond them, one normalizer (see :mod:`linattn_cuda.ops.hybrid`); linear cost in the length,
     fixed-size decoding cache (``window`` keys and values plus the Taylor state).
 
     Takes the arguments of :class:`TaylorAttention` (``feature_dim`` defaults to 16 here, as in Based) and

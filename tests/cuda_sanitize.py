@@ -18,7 +18,7 @@ import torch
 
 
 def main() -> int:
-    import linattn_cuda.ops  # noqa: F401
+    import linattn_cuda.ops.taylor.registration  # noqa: F401
     from linattn_cuda._extension import require_cuda_kernels
 
     require_cuda_kernels()

@@ -89,7 +89,7 @@ def test_unknown_and_unavailable_backends_list_what_is_available():
 
 
 def test_auto_picks_the_fused_cpu_kernels_when_built():
-    from linattn_cuda.backends.auto import choose_backend
+    from linattn_cuda.ops.dispatch import choose_backend
 
     q, _, _ = _qkv()
     assert choose_backend(q, causal=False) == ("cpu" if has_kernel("CPU") else "reference")
@@ -171,8 +171,8 @@ def test_torch_compile_fullgraph_matches_eager(backend):
 
 def test_auto_rule_on_cuda_tensors(monkeypatch):
     """The CUDA rule (measured on an H200): CUDA kernels for forward-only, Triton for training and decoding."""
-    from linattn_cuda import backends
-    from linattn_cuda.backends.auto import choose_backend
+    from linattn_cuda.ops import dispatch as backends
+    from linattn_cuda.ops.dispatch import choose_backend
 
     monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None)
     fake = type("FakeCudaTensor", (), {"device": torch.device("cuda"), "dtype": torch.bfloat16})()

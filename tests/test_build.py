@@ -38,7 +38,7 @@ def test_cuda_build_registers_every_op():
 def test_cpu_only_build_says_not_compiled_with_cuda():
     with pytest.raises(RuntimeError, match="not compiled with CUDA support"):
         _extension.require_cuda_kernels()
-    from linattn_cuda.backends.extension import ExtensionBackend
+    from linattn_cuda.ops.taylor.cpp import ExtensionBackend
 
     reason = ExtensionBackend("cuda").unavailable_reason("cuda")
     assert reason is not None and "not compiled with CUDA support" in reason

@@ -22,7 +22,7 @@ from typing import Optional
 import pytest
 import torch
 
-from linattn_cuda import reference as ref
+from linattn_cuda.ops.taylor import naive as ref
 from linattn_cuda.feature_map import feature_dim
 
 EMULATE = os.environ.get("LINATTN_TEST_EMULATE", "0") not in ("", "0")
@@ -83,7 +83,7 @@ def ops() -> Ops:
         return Ops("cpu", emu.taylor_fwd, emu.taylor_bwd, emu.taylor_prefill, emu.taylor_step, True)
     if not _cuda_kernels_registered():
         pytest.skip("needs a CUDA device and linattn_cuda built with CUDA kernels")
-    import linattn_cuda.ops  # noqa: F401  (fake kernels and autograd)
+    import linattn_cuda.ops.taylor.registration  # noqa: F401  (fake kernels and autograd)
 
     o = torch.ops.linattn_cuda
     return Ops("cuda", o.taylor_fwd, o.taylor_bwd, o.taylor_prefill, o.taylor_step, False)

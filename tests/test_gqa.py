@@ -199,12 +199,12 @@ def test_head_mismatch_without_enable_gqa_is_an_error():
 def test_backends_without_the_features_are_refused_or_skipped():
     """triton and cuda have neither grouped-query attention nor end-aligned causal yet: "auto" routes around them,
     an explicit request names the missing feature."""
-    from linattn_cuda.backends import resolve_backend
-    from linattn_cuda.backends.auto import choose_backend
+    from linattn_cuda.ops.dispatch import resolve_backend
+    from linattn_cuda.ops.dispatch import choose_backend
 
     q, k, v, _ = gqa_inputs(1, 4, 2, 5, 8, 4, 3)
     fake = type("FakeCudaTensor", (), {"device": torch.device("cuda"), "dtype": torch.bfloat16})()
-    from linattn_cuda import backends
+    from linattn_cuda.ops import dispatch as backends
 
     real = backends.unavailable_reason
     try:
@@ -226,7 +226,7 @@ def test_backends_without_the_features_are_refused_or_skipped():
 
 
 def test_explicit_backend_without_the_feature_names_it(monkeypatch):
-    from linattn_cuda import backends
+    from linattn_cuda.ops import dispatch as backends
 
     class Plain:  # a backend with none of the new features (as triton and cuda today)
         def unavailable_reason(self, device):

@@ -1,4 +1,4 @@
-"""Hybrid attention (softmax inside a window, Taylor beyond, one normalizer): linattn_cuda.hybrid and
+"""Hybrid attention (softmax inside a window, Taylor beyond, one normalizer): linattn_cuda.ops.hybrid and
 linattn_cuda.nn.HybridAttention against plain float64 definitions; caches, masks, large logits, gradients,
 linear memory, torch.compile."""
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import linattn_cuda as la
-from linattn_cuda.hybrid import hybrid_attention, hybrid_attention_reference
+from linattn_cuda.ops.hybrid.blocked import hybrid_attention, hybrid_attention_reference
 from linattn_cuda.nn import HybridAttention, HybridAttentionCache, TaylorAttention
 
 from .helpers import make_inputs, max_rel_err, seed_for

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from linattn_cuda import reference as ref
+from linattn_cuda.ops.taylor import naive as ref
 from linattn_cuda.feature_map import feature_dim
 
 from .helpers import make_inputs, seed_for

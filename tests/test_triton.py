@@ -1,4 +1,4 @@
-"""Tests of the Triton kernels (linattn_cuda/triton) against the float64 reference.
+"""Tests of the Triton kernels (linattn_cuda/ops/taylor/triton) against the float64 reference.
 
 Without a GPU the kernels run in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
 at small odd shapes. With a GPU the same tests run on CUDA, and the ``gpu``-marked ones add real sizes,
@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from linattn_cuda import reference as ref
+from linattn_cuda.ops.taylor import naive as ref
 from linattn_cuda.feature_map import feature_dim
 
 from .triton_cases import CI_CASES, GPU_CASES, PREFILL_CASES, STEP_CASES, Case, check_close, make_inputs, reference_fwd_bwd
@@ -30,8 +30,8 @@ triton = pytest.importorskip("triton")
 if not HAS_CUDA and not INTERPRET:
     pytest.skip("no GPU and TRITON_INTERPRET is not 1: the Triton kernels cannot run", allow_module_level=True)
 
-from linattn_cuda.triton import chunk, common, ops, parallel, step  # noqa: E402  (after the interpreter switch)
-from linattn_cuda.triton.backend import TritonBackend, choose_form  # noqa: E402
+from linattn_cuda.ops.taylor.triton import chunk, common, ops, parallel, step  # noqa: E402  (after the interpreter switch)
+from linattn_cuda.ops.taylor.triton.backend import TritonBackend, choose_form  # noqa: E402
 
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16

@@ -334,7 +334,7 @@ def test_varlen_torch_compile_fullgraph():
 
 
 def test_varlen_routes_around_backends_without_it(monkeypatch):
-    from linattn_cuda import backends
+    from linattn_cuda.ops import dispatch as backends
 
     class Plain:
         def unavailable_reason(self, device):
@@ -348,6 +348,6 @@ def test_varlen_routes_around_backends_without_it(monkeypatch):
     if "triton" in la.available_backends("cpu"):
         with pytest.raises(NotImplementedError, match="'triton' does not support packed variable-length"):
             la.taylor_attention_varlen(q, k, v, cq, ck, backend="triton")
-    from linattn_cuda.backends.auto import choose_backend
+    from linattn_cuda.ops.dispatch import choose_backend
 
     assert choose_backend(q, causal=False, needs=frozenset({"varlen"})) == ("cpu" if has_kernel("CPU") else "reference")

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from linattn_cuda import reference as ref
+from linattn_cuda.ops.taylor import naive as ref
 
 _SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 HALF_ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # relative to the reference's max magnitude

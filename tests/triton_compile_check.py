@@ -1,4 +1,4 @@
-"""Compile every Triton kernel launch of linattn_cuda.triton for NVIDIA GPUs on a machine without a GPU.
+"""Compile every Triton kernel launch of linattn_cuda.ops.taylor.triton for NVIDIA GPUs on a machine without a GPU.
 
 The launchers run on fake CUDA tensors (FakeTensorMode) with ``torch.library.wrap_triton`` replaced by a
 recorder, so the captured launches carry exactly the block sizes, constexprs, warps and stages the
@@ -87,7 +87,7 @@ def _signature(kernel, args, kwargs):
 def _launch_case(kind, c, opts, device):
     """Run the launchers of one case on ``device`` (fake CUDA tensors when capturing)."""
     from linattn_cuda.feature_map import feature_dim
-    from linattn_cuda.triton import chunk, parallel, step
+    from linattn_cuda.ops.taylor.triton import chunk, parallel, step
 
     def t(*shape, dtype=c.dtype):
         return torch.randn(*shape, device=device).to(dtype)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..feature_map import feature_dim
+from ....feature_map import feature_dim
 from .common import block_dim, new_output
 
 __all__ = ["step_fwd"]

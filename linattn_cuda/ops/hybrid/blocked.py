@@ -34,10 +34,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_attention_inputs
-from .api import taylor_attention
-from .feature_map import resolve_scale
-from .reference import accumulate_dtype, repeat_kv, zero_padded_keys
+from ..problem import check_attention_inputs
+from ...api import taylor_attention
+from ...feature_map import resolve_scale
+from ..taylor.naive import accumulate_dtype, repeat_kv, zero_padded_keys
 
 __all__ = ["hybrid_attention", "hybrid_attention_reference", "check_window"]
 

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..feature_map import feature_dim
+from ....feature_map import feature_dim
 from .common import block_dim, bwd_preprocess, dot_mode, mm, mm_exact_a, new_output
 
 __all__ = ["ChunkConfig", "chunk_config", "chunk_fwd", "chunk_bwd"]

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from .feature_map import feature_dim
+from ..feature_map import feature_dim
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._extension import extension_loaded
+from ..._extension import extension_loaded
 
 _ACC = {torch.float64: torch.float64}
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_fused_limits
-from ..reference import TaylorState
+from ...problem import check_fused_limits
+from ..naive import TaylorState
 
 __all__ = ["TritonBackend", "choose_form", "MAX_HEAD_DIM", "MAX_VALUE_DIM"]
 

@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .feature_map import taylor_feature_map
+from ...feature_map import taylor_feature_map
 
 __all__ = [
     "TaylorState",
@@ -57,7 +57,7 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def empty_state(batch: int, heads: int, head_dim: int, value_dim: int, *, dtype=torch.float32, device=None) -> TaylorState:
     """The state of an empty prefix (all zeros)."""
-    from .feature_map import feature_dim
+    from ...feature_map import feature_dim
 
     m = feature_dim(head_dim)
     return TaylorState(
@@ -246,7 +246,7 @@ def _sequences(x: torch.Tensor, cu: torch.Tensor):
 
 def taylor_attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None):
     """Packed sequences (q [Tq, H, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv]), one dense call per sequence."""
-    from .backends.reference import ReferenceBackend
+    from .reference import ReferenceBackend
 
     d = q.shape[-1]
     scale = (1.0 / d**0.5) if scale is None else scale

@@ -1,7 +1,7 @@
 """The pure-PyTorch backend: quadratic form for short keys, linear/chunked forms for long ones."""
 from __future__ import annotations
 
-from .. import reference as ref
+from . import naive as ref
 
 # Above this many query-key pairs the linear forms are used (bounded memory, O(L) time).
 QUADRATIC_MAX_PAIRS = 1 << 22

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops  # noqa: F401  (registers fake kernels and autograd)
-from .._checks import check_fused_limits
-from .._extension import REBUILD_HINT, EXTENSION_ERROR, extension_loaded, has_kernel
-from ..reference import TaylorState
+from . import registration  # noqa: F401  (registers fake kernels and autograd)
+from ..problem import check_fused_limits
+from ..._extension import REBUILD_HINT, EXTENSION_ERROR, extension_loaded, has_kernel
+from .naive import TaylorState
 
 MAX_HEAD_DIM = 128
 MAX_VALUE_DIM = 256

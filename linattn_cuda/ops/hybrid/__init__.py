@@ -1,0 +1,1 @@
+"""Hybrid attention: exact softmax inside a sliding window, the Taylor weight beyond it, one normalizer."""
