@@ -1,17 +1,18 @@
 // Operator schemas of linattn_cuda (one place for all of them) and the Python module whose import runs
 // the static registrations. Kernels live in csrc/cpu/ and csrc/cuda/, one TORCH_LIBRARY_IMPL each.
 //
-// Shapes (B batch, H query heads, Hkv key/value heads, Lq/Lk lengths, D q/k dim, Dv value dim,
-// M = 1 + D + D(D+1)/2):
-//   q [B,H,Lq,D], k [B,Hkv,Lk,D], v [B,Hkv,Lk,Dv], key_padding_mask [B,Lk] bool (True = padding) or None.
+// One op family for every layout (the problem description: csrc/include/problem.h):
+//   dense   q [B,H,Lq,D], k [B,Hkv,Lk,D], v [B,Hkv,Lk,Dv], key_padding_mask [B,Lk] bool (True = padding) or None;
+//   packed  q [Tq,H,D], k [Tk,Hkv,D], v [Tk,Hkv,Dv] with cu_seqlens_q / cu_seqlens_k int32 [N+1]
+//           (0 = cu[0] <= ... <= cu[N] = T; sequence n is rows cu[n]:cu[n+1], attending only within itself).
 //   Grouped-query attention when Hkv < H (H % Hkv == 0): query head h reads key/value head h / (H / Hkv).
-//   causal: end-aligned, query i sees keys j <= i + Lk - Lq (Lq <= Lk).
-//   out [B,H,Lq,Dv] in q's dtype; den [B,H,Lq] = sum_j w_ij (float32, float64 for float64 inputs).
-//   State: kv [B,Hkv,M,Dv] = sum_j phi(k_j) v_j^T and k_sum [B,Hkv,M] = sum_j phi(k_j) (float32 / float64).
-// The CUDA kernels take Hkv == H and, causal, Lq == Lk only (they check it); the CPU kernels take both.
-// Packed variable-length sequences (varlen ops, CPU only for now): q [Tq,H,D], k [Tk,Hkv,D], v [Tk,Hkv,Dv],
-//   cu_seqlens_q / cu_seqlens_k int32 [N+1] (0 = cu[0] <= ... <= cu[N] = T); out [Tq,H,Dv], den [H,Tq];
-//   state kv [N,Hkv,M,Dv], k_sum [N,Hkv,M]. Sequence n is rows cu[n]:cu[n+1], attending only within itself.
+//   causal: end-aligned per sequence, query i sees keys j <= i + Lk - Lq (Lq <= Lk).
+//   out: q's shape with Dv, in q's dtype; den: q's shape without D, sum_j w_ij (float32; float64 for float64).
+//   State of N sequences (N = B dense): kv [N,Hkv,M,Dv] = sum_j phi(k_j) v_j^T, k_sum [N,Hkv,M] = sum_j phi(k_j)
+//   (M = 1 + D + D(D+1)/2, float32 or float64). An initial state kv0 / k_sum0 is seen by every query;
+//   return_state gives the final state (the initial one plus every unpadded key); otherwise kv and k_sum are
+//   empty. The backward takes the final state's gradient (or None) and returns the initial state's (empty
+//   without one), so that a state passes gradients between calls (chunked prefill, context parallelism).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -24,24 +25,16 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(linattn_cuda, m) {
-  // Forward: attention output and the per-query normalizer (saved for the backward).
-  m.def("taylor_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, float scale) "
-        "-> (Tensor out, Tensor den)");
-  // Backward: gradients w.r.t. q, k, v from grad_out and the forward's out and den.
-  m.def("taylor_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor out, "
-        "Tensor den, bool causal, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
-  // Causal prefill from an optional initial state; returns the output and the final state.
-  m.def("taylor_prefill(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? kv, Tensor? k_sum, "
-        "float scale) -> (Tensor out, Tensor kv_out, Tensor k_sum_out)");
-  // One decoding step: q, k [B,H,D], v [B,H,Dv]; reads the state once and writes the new state once.
+  // Forward: the output, the per-query normalizer (saved for the backward) and, with return_state, the state.
+  m.def("taylor_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens_q, "
+        "Tensor? cu_seqlens_k, Tensor? kv0, Tensor? k_sum0, bool causal, float scale, bool return_state) "
+        "-> (Tensor out, Tensor den, Tensor kv, Tensor k_sum)");
+  // Backward: gradients w.r.t. q, k, v and the initial state from grad_out (and the final state's gradient).
+  m.def("taylor_bwd(Tensor grad_out, Tensor? grad_kv, Tensor? grad_k_sum, Tensor q, Tensor k, Tensor v, "
+        "Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? kv0, Tensor? k_sum0, "
+        "Tensor out, Tensor den, bool causal, float scale) "
+        "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_kv0, Tensor grad_k_sum0)");
+  // One decoding step: q [B,H,D], k [B,Hkv,D], v [B,Hkv,Dv]; reads the state once and writes the new state once.
   m.def("taylor_step(Tensor q, Tensor k, Tensor v, Tensor kv, Tensor k_sum, float scale) "
         "-> (Tensor out, Tensor kv_out, Tensor k_sum_out)");
-  // The packed variable-length forms of taylor_fwd, taylor_bwd and taylor_prefill.
-  m.def("taylor_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, bool causal, "
-        "float scale) -> (Tensor out, Tensor den)");
-  m.def("taylor_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
-        "Tensor cu_seqlens_k, Tensor out, Tensor den, bool causal, float scale) "
-        "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
-  m.def("taylor_varlen_prefill(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-        "Tensor? kv, Tensor? k_sum, float scale) -> (Tensor out, Tensor kv_out, Tensor k_sum_out)");
 }

@@ -18,7 +18,7 @@ from .api import (
 from .ops.dispatch import available_backends, backend_names
 from .feature_map import feature_dim, taylor_feature_map
 from .ops.hybrid.blocked import hybrid_attention
-from .ops.taylor.naive import TaylorState, empty_state
+from .ops.taylor.state import TaylorState, empty_state
 
 __version__ = "0.1.0"
 

@@ -15,7 +15,7 @@ try:  # importing the module runs the TORCH_LIBRARY registrations
 except ImportError as exc:  # pragma: no cover - depends on the build
     EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
 
-OPS = ("taylor_fwd", "taylor_bwd", "taylor_prefill", "taylor_step")
+OPS = ("taylor_fwd", "taylor_bwd", "taylor_step")
 
 # Which ops have kernels for which dispatch key, read once after the import above registered them
 # (a plain dict, so that backend selection stays traceable by torch.compile).

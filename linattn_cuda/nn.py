@@ -27,7 +27,8 @@ from torch import nn
 from .api import taylor_attention, taylor_attention_step
 from .feature_map import resolve_scale, taylor_feature_map
 from .ops.hybrid.blocked import check_window, hybrid_attention
-from .ops.taylor.naive import TaylorState, accumulate_dtype, empty_state, repeat_kv, zero_padded_keys
+from .ops.taylor.naive import repeat_kv, zero_padded_keys
+from .ops.taylor.state import TaylorState, accumulate_dtype, empty_state
 
 __all__ = ["TaylorAttention", "TaylorAttentionCache", "HybridAttention", "HybridAttentionCache", "context_state"]
 

@@ -59,3 +59,15 @@ def grid(**axes):
     keys = list(axes)
     for values in itertools.product(*(axes[k] for k in keys)):
         yield dict(zip(keys, values))
+
+
+def fwd_args(q, k, v, mask=None, causal=False, scale=0.5, *, cu_q=None, cu_k=None, kv0=None, k_sum0=None,
+             return_state=False):
+    """The arguments of torch.ops.linattn_cuda.taylor_fwd (and the Triton ops of the same signature)."""
+    return (q, k, v, mask, cu_q, cu_k, kv0, k_sum0, causal, scale, return_state)
+
+
+def bwd_args(grad_out, q, k, v, out, den, mask=None, causal=False, scale=0.5, *, cu_q=None, cu_k=None, kv0=None,
+             k_sum0=None, grad_kv=None, grad_k_sum=None):
+    """The arguments of torch.ops.linattn_cuda.taylor_bwd."""
+    return (grad_out, grad_kv, grad_k_sum, q, k, v, mask, cu_q, cu_k, kv0, k_sum0, out, den, causal, scale)

@@ -7,7 +7,7 @@ import torch
 import linattn_cuda as la
 from linattn_cuda._extension import has_kernel
 
-from .helpers import make_inputs, max_rel_err, reference_grads, reference_out, seed_for
+from .helpers import fwd_args, bwd_args, make_inputs, max_rel_err, reference_grads, reference_out, seed_for
 
 pytestmark = pytest.mark.skipif(not has_kernel("CPU"), reason="linattn_cuda._C is not built")
 
@@ -160,17 +160,21 @@ def test_cpu_step_does_not_modify_the_old_state():
 
 
 def test_cpu_opcheck():
+    """Schema, fake kernels, autograd registration and AOT dispatch of the op family, every mode."""
     q, k, v, m = make_inputs(2, 2, 19, 19, 4, 6, seed=12, mask="random", requires_grad=True)
     ops = torch.ops.linattn_cuda
-    for causal in (False, True):
-        torch.library.opcheck(ops.taylor_fwd, (q, k, v, m, causal, 0.5))
-        out, den = ops.taylor_fwd(q, k, v, m, causal, 0.5)
-        g = torch.randn_like(out)
-        torch.library.opcheck(ops.taylor_bwd, (g, q.detach(), k.detach(), v.detach(), m, out.detach(), den, causal, 0.5))
     qd, kd, vd = q.detach(), k.detach(), v.detach()
-    torch.library.opcheck(ops.taylor_prefill, (qd, kd, vd, m, None, None, 0.5))
-    _, kv, ks = ops.taylor_prefill(qd, kd, vd, m, None, None, 0.5)
-    torch.library.opcheck(ops.taylor_prefill, (qd, kd, vd, None, kv, ks, 0.5))
+    _, _, kv, ks = ops.taylor_fwd(*fwd_args(qd, kd, vd, m, True, return_state=True))
+    for causal in (False, True):
+        for state, ret in (((None, None), False), ((kv, ks), True)):
+            s0 = tuple(x.clone().requires_grad_() for x in state) if state[0] is not None else state
+            args = fwd_args(q, k, v, m, causal, kv0=s0[0], k_sum0=s0[1], return_state=ret)
+            torch.library.opcheck(ops.taylor_fwd, args)
+            out, den, kv1, ks1 = ops.taylor_fwd(*args)
+            g = torch.randn_like(out)
+            gs = (torch.randn_like(kv1), torch.randn_like(ks1)) if ret else (None, None)
+            torch.library.opcheck(ops.taylor_bwd, bwd_args(g, qd, kd, vd, out.detach(), den, m, causal, kv0=state[0],
+                                                           k_sum0=state[1], grad_kv=gs[0], grad_k_sum=gs[1]))
     torch.library.opcheck(ops.taylor_step, (qd[:, :, 0], kd[:, :, 0], vd[:, :, 0], kv, ks, 0.5))
 
 
@@ -186,14 +190,21 @@ def test_cpu_nan_and_inf_inputs_do_not_crash():
 
 def test_cpu_direct_op_call_checks_arguments():
     q, k, v, _ = make_inputs(1, 1, 5, 5, 4, 4, seed=14)
+    fwd = torch.ops.linattn_cuda.taylor_fwd
     with pytest.raises(RuntimeError, match="causal attention needs Lq <= Lk"):
-        torch.ops.linattn_cuda.taylor_fwd(q, k[:, :, :3], v[:, :, :3], None, True, 0.5)
+        fwd(*fwd_args(q, k[:, :, :3], v[:, :, :3], None, True))
     with pytest.raises(RuntimeError, match="key_padding_mask must have shape"):
-        torch.ops.linattn_cuda.taylor_fwd(q, k, v, torch.zeros(1, 4, dtype=torch.bool), False, 0.5)
+        fwd(*fwd_args(q, k, v, torch.zeros(1, 4, dtype=torch.bool)))
+    with pytest.raises(RuntimeError, match="scale must be a finite positive number, got -0.5"):
+        fwd(*fwd_args(q, k, v, scale=-0.5))
+    with pytest.raises(RuntimeError, match="kv0 must have shape"):
+        fwd(*fwd_args(q, k, v, kv0=torch.zeros(1, 1, 14, 3), k_sum0=torch.zeros(1, 1, 15)))
+    with pytest.raises(RuntimeError, match="cu_seqlens_q and cu_seqlens_k must be given together"):
+        fwd(*fwd_args(q[0], k[0], v[0], cu_q=torch.tensor([0, 1], dtype=torch.int32)))
     with pytest.raises(RuntimeError, match="LINATTN_CPU_FORM"):
         os.environ["LINATTN_CPU_FORM"] = "bogus"
         try:
-            torch.ops.linattn_cuda.taylor_fwd(q, k, v, None, False, 0.5)
+            fwd(*fwd_args(q, k, v))
         finally:
             del os.environ["LINATTN_CPU_FORM"]
 
@@ -204,10 +215,10 @@ def test_cpu_opcheck_on_strided_inputs():
     qt = q.transpose(1, 2).contiguous().transpose(1, 2)
     vt = torch.stack([v, -v], dim=-1)[..., 0]
     ops = torch.ops.linattn_cuda
-    out, den = ops.taylor_fwd(qt, k, vt, m, True, 0.5)
+    out, den, _, _ = ops.taylor_fwd(*fwd_args(qt, k, vt, m, True))
     g = torch.randn_like(out)
-    torch.library.opcheck(ops.taylor_fwd, (qt.requires_grad_(), k, vt, m, True, 0.5))
-    torch.library.opcheck(ops.taylor_bwd, (g, qt.detach(), k, vt, m, out, den, True, 0.5))
+    torch.library.opcheck(ops.taylor_fwd, fwd_args(qt.requires_grad_(), k, vt, m, True))
+    torch.library.opcheck(ops.taylor_bwd, bwd_args(g, qt.detach(), k, vt, out, den, m, True))
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])

@@ -76,17 +76,33 @@ def _build_emulator():
     )
 
 
+def _family(device, fwd, bwd, step, emulated) -> Ops:
+    """The op family (csrc/ops.cpp) as the dense fwd / bwd / prefill calls these cases make."""
+
+    def fwd_(q, k, v, mask, causal, scale):
+        return fwd(q, k, v, mask, None, None, None, None, causal, scale, False)[:2]
+
+    def bwd_(g, q, k, v, mask, out, den, causal, scale):
+        return bwd(g, None, None, q, k, v, mask, None, None, None, None, out, den, causal, scale)[:3]
+
+    def prefill_(q, k, v, mask, kv, ks, scale):
+        out, _, kv1, ks1 = fwd(q, k, v, mask, None, None, kv, ks, True, scale, True)
+        return out, kv1, ks1
+
+    return Ops(device, fwd_, bwd_, prefill_, step, emulated)
+
+
 @pytest.fixture(scope="module")
 def ops() -> Ops:
     if EMULATE:
         emu = _build_emulator()
-        return Ops("cpu", emu.taylor_fwd, emu.taylor_bwd, emu.taylor_prefill, emu.taylor_step, True)
+        return _family("cpu", emu.taylor_fwd, emu.taylor_bwd, emu.taylor_step, True)
     if not _cuda_kernels_registered():
         pytest.skip("needs a CUDA device and linattn_cuda built with CUDA kernels")
     import linattn_cuda.ops.taylor.registration  # noqa: F401  (fake kernels and autograd)
 
     o = torch.ops.linattn_cuda
-    return Ops("cuda", o.taylor_fwd, o.taylor_bwd, o.taylor_prefill, o.taylor_step, False)
+    return _family("cuda", o.taylor_fwd, o.taylor_bwd, o.taylor_step, False)
 
 
 @pytest.fixture(autouse=True)

@@ -1,12 +1,13 @@
 """Grouped-query attention (enable_gqa, SDPA's convention) and end-aligned causal attention (Lq < Lk) against
-float64 references built independently of linattn_cuda.reference's own head repetition and masks."""
+float64 references built independently of the naive module's own head repetition and masks: the parts the case
+matrix (tests/test_taylor.py) does not cover -- column splits, prefill + steps, modules, compile, argument errors."""
 import pytest
 import torch
 
 import linattn_cuda as la
 from linattn_cuda._extension import has_kernel
 
-from .helpers import max_rel_err, seed_for
+from .helpers import bwd_args, fwd_args, max_rel_err, seed_for
 
 BACKENDS = ["reference"] + (["cpu"] if has_kernel("CPU") else [])
 TOL = {torch.float64: 1e-10, torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -73,35 +74,6 @@ def _compare(backend, shape, causal, mask, dtype, grads=True):
         for name, a, w in zip("qkv", got, ref):
             assert a.shape == w.shape and a.dtype == dtype
             assert max_rel_err(a, w) < 10 * TOL[dtype], f"grad {name}"
-
-
-# (B, H, Hkv, Lq, Lk, D, Dv): groups of 1 (plain MHA), 2, 3 and 6 (MQA); Lq < Lk; odd sizes; long keys.
-SHAPES = [
-    (2, 4, 2, 37, 37, 8, 12),
-    (1, 6, 1, 20, 50, 5, 7),
-    (2, 3, 3, 17, 63, 16, 8),
-    (1, 6, 2, 1, 300, 16, 24),
-    (2, 2, 1, 130, 300, 4, 33),
-    (1, 4, 2, 300, 301, 3, 5),
-]
-IDS = ["B{}-H{}-Hkv{}-Lq{}-Lk{}-D{}-Dv{}".format(*s) for s in SHAPES]
-
-
-@pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask"])
-@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gqa_and_end_aligned_causal_fp64(backend, shape, causal, mask, form):
-    if backend == "reference" and form != "auto":
-        pytest.skip("the form switch is the cpu kernels'")
-    _compare(backend, shape, causal, mask, torch.float64)
-
-
-@pytest.mark.skipif(not has_kernel("CPU"), reason="linattn_cuda._C is not built")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-def test_gqa_lower_precision_cpu(dtype, causal):
-    _compare("cpu", (2, 4, 2, 70, 130, 16, 64), causal, True, dtype)
 
 
 @pytest.mark.skipif(not has_kernel("CPU"), reason="linattn_cuda._C is not built")
@@ -192,54 +164,8 @@ def test_head_mismatch_without_enable_gqa_is_an_error():
         la.taylor_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], state, enable_gqa=True)
     with pytest.raises(ValueError, match=r"state.kv must have shape \[2, 2, 15, 3\]"):
         la.taylor_attention_prefill(q, k, v, initial_state=state, enable_gqa=True)
-    with pytest.raises(ValueError, match="k must have the shape of q"):
+    with pytest.raises(ValueError, match=r"k must have the batch and head sizes of q \(2, 4\).*enable_gqa=True"):
         la.taylor_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], la.empty_state(2, 2, 4, 3))
-
-
-def test_backends_without_the_features_are_refused_or_skipped():
-    """triton and cuda have neither grouped-query attention nor end-aligned causal yet: "auto" routes around them,
-    an explicit request names the missing feature."""
-    from linattn_cuda.ops.dispatch import resolve_backend
-    from linattn_cuda.ops.dispatch import choose_backend
-
-    q, k, v, _ = gqa_inputs(1, 4, 2, 5, 8, 4, 3)
-    fake = type("FakeCudaTensor", (), {"device": torch.device("cuda"), "dtype": torch.bfloat16})()
-    from linattn_cuda.ops import dispatch as backends
-
-    real = backends.unavailable_reason
-    try:
-        backends.unavailable_reason = lambda name, device: None
-        assert choose_backend(fake, causal=True, needs=frozenset({"gqa"})) == "reference"
-        assert choose_backend(fake, causal=True) == "cuda"
-    finally:
-        backends.unavailable_reason = real
-    assert choose_backend(q, causal=True, needs=frozenset({"gqa", "causal_lq_lt_lk"})) in ("cpu", "reference")
-    if "triton" in la.available_backends("cpu"):  # under TRITON_INTERPRET=1 (tests/conftest.py)
-        with pytest.raises(NotImplementedError, match=r"'triton' does not support grouped-query attention"):
-            la.taylor_attention(q, k, v, enable_gqa=True, backend="triton")
-        with pytest.raises(NotImplementedError, match=r"causal attention with fewer queries than keys"):
-            la.taylor_attention(q, k[:, :1].expand(-1, 4, -1, -1), v[:, :1].expand(-1, 4, -1, -1), causal=True,
-                                backend="triton")
-        with pytest.raises(NotImplementedError, match="grouped-query attention"):
-            la.taylor_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], la.empty_state(1, 2, 4, 3), enable_gqa=True,
-                                     backend="triton")
-
-
-def test_explicit_backend_without_the_feature_names_it(monkeypatch):
-    from linattn_cuda.ops import dispatch as backends
-
-    class Plain:  # a backend with none of the new features (as triton and cuda today)
-        def unavailable_reason(self, device):
-            return None
-
-    monkeypatch.setitem(backends._FACTORIES, "plain", Plain)
-    monkeypatch.setitem(backends._INSTANCES, "plain", Plain())
-    q, k, v, _ = gqa_inputs(1, 4, 2, 5, 8, 4, 3)
-    with pytest.raises(NotImplementedError, match=r"backend 'plain' does not support grouped-query attention .*yet; "
-                                                  r"backends that do for cpu tensors: \[.*'reference'"):
-        la.taylor_attention(q, k, v, enable_gqa=True, backend="plain")
-    with pytest.raises(NotImplementedError, match=r"fewer queries than keys"):
-        la.taylor_attention(q, k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1), causal=True, backend="plain")
 
 
 @pytest.mark.skipif(not has_kernel("CPU"), reason="linattn_cuda._C is not built")
@@ -247,22 +173,21 @@ def test_gqa_direct_op_calls():
     """opcheck (schema, fake kernels, autograd) on GQA and Lq < Lk shapes; the C++ checks name the problem."""
     q, k, v, m = gqa_inputs(2, 4, 2, 11, 19, 4, 6, seed=12, mask=True, requires_grad=True)
     ops = torch.ops.linattn_cuda
-    for causal in (False, True):
-        torch.library.opcheck(ops.taylor_fwd, (q, k, v, m, causal, 0.5))
-        out, den = ops.taylor_fwd(q, k, v, m, causal, 0.5)
-        g = torch.randn_like(out)
-        torch.library.opcheck(ops.taylor_bwd, (g, q.detach(), k.detach(), v.detach(), m, out.detach(), den, causal, 0.5))
     qd, kd, vd = q.detach(), k.detach(), v.detach()
-    torch.library.opcheck(ops.taylor_prefill, (qd, kd, vd, m, None, None, 0.5))
-    _, kv, ks = ops.taylor_prefill(qd, kd, vd, m, None, None, 0.5)
+    for causal in (False, True):
+        torch.library.opcheck(ops.taylor_fwd, fwd_args(q, k, v, m, causal))
+        out, den, _, _ = ops.taylor_fwd(*fwd_args(q, k, v, m, causal))
+        g = torch.randn_like(out)
+        torch.library.opcheck(ops.taylor_bwd, bwd_args(g, qd, kd, vd, out.detach(), den, m, causal))
+    _, _, kv, ks = ops.taylor_fwd(*fwd_args(qd, kd, vd, m, True, return_state=True))
     assert kv.shape[1] == 2
-    torch.library.opcheck(ops.taylor_prefill, (qd, kd, vd, None, kv, ks, 0.5))
+    torch.library.opcheck(ops.taylor_fwd, fwd_args(qd, kd, vd, None, True, kv0=kv, k_sum0=ks, return_state=True))
     torch.library.opcheck(ops.taylor_step, (qd[:, :, 0], kd[:, :, 0], vd[:, :, 0], kv, ks, 0.5))
     with pytest.raises(RuntimeError, match=r"query heads of q \(4\) must be a multiple of the key/value heads of k \(3\)"):
-        ops.taylor_fwd(qd, kd[:, :1].expand(-1, 3, -1, -1), vd[:, :1].expand(-1, 3, -1, -1), None, False, 0.5)
+        ops.taylor_fwd(*fwd_args(qd, kd[:, :1].expand(-1, 3, -1, -1), vd[:, :1].expand(-1, 3, -1, -1)))
     with pytest.raises(RuntimeError, match=r"causal attention needs Lq <= Lk"):
-        ops.taylor_fwd(qd, kd[:, :, :5], vd[:, :, :5], None, True, 0.5)
-    with pytest.raises(RuntimeError, match=r"kv must have shape \[B, Hkv, M, Dv\] = \[2, 2, 15, 6\]"):
+        ops.taylor_fwd(*fwd_args(qd, kd[:, :, :5], vd[:, :, :5], None, True))
+    with pytest.raises(RuntimeError, match=r"kv0 must have shape \[N, Hkv, M, Dv\] = \[2, 2, 15, 6\]"):
         ops.taylor_step(qd[:, :, 0], kd[:, :, 0], vd[:, :, 0], kv.repeat(1, 2, 1, 1), ks, 0.5)
 
 

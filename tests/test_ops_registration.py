@@ -22,7 +22,7 @@ def test_direct_op_call_is_differentiable_in_a_fresh_process():
         import sys, torch, linattn_cuda
         assert "linattn_cuda.ops.taylor.cpp" not in sys.modules  # no backend resolved yet
         q, k, v = (torch.randn(1, 2, 9, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
-        out, den = torch.ops.linattn_cuda.taylor_fwd(q, k, v, None, True, 0.5)
+        out = torch.ops.linattn_cuda.taylor_fwd(q, k, v, None, None, None, None, None, True, 0.5, False)[0]
         out.sum().backward()
         ref = linattn_cuda.ops.taylor.naive.taylor_attention_quadratic(q, k, v, causal=True, scale=0.5)
         grads = torch.autograd.grad(ref.sum(), (q, k, v))
@@ -35,7 +35,7 @@ def test_direct_op_call_compiles_in_a_fresh_process():
     _run("""
         import torch, linattn_cuda
         def f(q, k, v):
-            return torch.ops.linattn_cuda.taylor_fwd(q, k, v, None, False, 0.5)[0] * 2
+            return torch.ops.linattn_cuda.taylor_fwd(q, k, v, None, None, None, None, None, False, 0.5, False)[0] * 2
         q, k, v = (torch.randn(2, 2, 7, 4, requires_grad=True) for _ in range(3))
         out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
         torch.testing.assert_close(out, f(q, k, v))

@@ -31,6 +31,7 @@ if not HAS_CUDA and not INTERPRET:
     pytest.skip("no GPU and TRITON_INTERPRET is not 1: the Triton kernels cannot run", allow_module_level=True)
 
 from linattn_cuda.ops.taylor.triton import chunk, common, ops, parallel, step  # noqa: E402  (after the interpreter switch)
+import linattn_cuda as la  # noqa: E402
 from linattn_cuda.ops.taylor.triton.backend import TritonBackend, choose_form  # noqa: E402
 
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
@@ -291,10 +292,9 @@ def test_poison_hook(monkeypatch):
 
 
 def test_float64_is_refused():
-    backend = TritonBackend()
     q = torch.randn(1, 1, 4, 16, dtype=torch.float64, device=DEVICE)
-    with pytest.raises(TypeError, match="float64"):
-        backend.attention(q, q, q, True, 0.25, None)
+    with pytest.raises(NotImplementedError, match="the triton kernels take float16, bfloat16, float32 inputs, got float64"):
+        la.taylor_attention(q, q, q, causal=True, backend="triton")
 
 
 # ------------------------------------------------------------------------------------------------------

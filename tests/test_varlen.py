@@ -1,12 +1,12 @@
-"""Packed variable-length sequences: taylor_attention_varlen and taylor_attention_prefill_varlen against one
-float64 dense call per sequence; argument errors; opcheck and torch.compile of the varlen ops."""
+"""Packed variable-length sequences beyond the case matrix (tests/test_taylor.py): long sequences, thread and
+column splits, prefill + batched steps, argument errors, opcheck and torch.compile of the packed layout."""
 import pytest
 import torch
 
 import linattn_cuda as la
 from linattn_cuda._extension import has_kernel
 
-from .helpers import max_rel_err, seed_for
+from .helpers import bwd_args, fwd_args, max_rel_err, seed_for
 
 BACKENDS = ["reference"] + (["cpu"] if has_kernel("CPU") else [])
 needs_cpu = pytest.mark.skipif(not has_kernel("CPU"), reason="linattn_cuda._C is not built")
@@ -80,18 +80,6 @@ def _compare(backend, case, causal, hk, dtype, grads=True, h=4, d=8, dv=12):
         for name, a, w in zip("qkv", got, ref):
             assert a.shape == w.shape and a.dtype == dtype
             assert max_rel_err(a, w) < 10 * TOL[dtype], f"grad {name}"
-
-
-@pytest.mark.parametrize("hk", [4, 2], ids=["mha", "gqa"])
-@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-@pytest.mark.parametrize("case", ["equal", "lq<lk", "no-keys"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_varlen_equals_per_sequence_calls_fp64(backend, case, causal, hk, form):
-    if case == "no-keys" and causal:
-        pytest.skip("causal needs Lq <= Lk in every sequence")
-    if backend == "reference" and form != "auto":
-        pytest.skip("the form switch is the cpu kernels'")
-    _compare(backend, case, causal, hk, torch.float64)
 
 
 @needs_cpu
@@ -274,37 +262,43 @@ def test_varlen_bad_initial_state():
 @needs_cpu
 def test_varlen_direct_op_calls_check_cu_seqlens():
     q, k, v, cq, ck = packed([3, 5], [4, 7], 2, 2, 4, 3)
-    ops = torch.ops.linattn_cuda
+    fwd = torch.ops.linattn_cuda.taylor_fwd
+
+    def call(cu_q, cu_k, causal=False):
+        return fwd(*fwd_args(q, k, v, causal=causal, cu_q=cu_q, cu_k=cu_k))
+
     with pytest.raises(RuntimeError, match="cu_seqlens_q must be an int32 tensor"):
-        ops.taylor_varlen_fwd(q, k, v, cq.long(), ck, False, 0.5)
+        call(cq.long(), ck)
     with pytest.raises(RuntimeError, match="cu_seqlens_k must start at 0"):
-        ops.taylor_varlen_fwd(q, k, v, cq, ck + 1, False, 0.5)
+        call(cq, ck + 1)
     with pytest.raises(RuntimeError, match="cu_seqlens_q must be non-decreasing"):
-        ops.taylor_varlen_fwd(q, k, v, torch.tensor([0, 6, 3, 8], dtype=torch.int32), ck, False, 0.5)
+        call(torch.tensor([0, 6, 3, 8], dtype=torch.int32), torch.tensor([0, 4, 7, 11], dtype=torch.int32))
     with pytest.raises(RuntimeError, match=r"cu_seqlens_q must end at the number of tokens \(8\)"):
-        ops.taylor_varlen_fwd(q, k, v, torch.tensor([0, 3, 7], dtype=torch.int32), ck, False, 0.5)
+        call(torch.tensor([0, 3, 7], dtype=torch.int32), ck)
     with pytest.raises(RuntimeError, match="cu_seqlens_k must have the length of cu_seqlens_q"):
-        ops.taylor_varlen_fwd(q, k, v, cq, torch.tensor([0, 11], dtype=torch.int32), False, 0.5)
+        call(cq, torch.tensor([0, 11], dtype=torch.int32))
     with pytest.raises(RuntimeError, match="causal attention needs Lq <= Lk .* sequence 0 has 3 queries and 1 keys"):
-        ops.taylor_varlen_fwd(q, k, v, cq, torch.tensor([0, 1, 11], dtype=torch.int32), True, 0.5)
+        call(cq, torch.tensor([0, 1, 11], dtype=torch.int32), causal=True)
+    with pytest.raises(RuntimeError, match="key_padding_mask is for dense"):
+        fwd(*fwd_args(q, k, v, torch.zeros(2, 11, dtype=torch.bool), cu_q=cq, cu_k=ck))
 
 
 @needs_cpu
 def test_varlen_opcheck():
     q, k, v, cq, ck = packed([3, 0, 9, 1], [5, 2, 9, 4], 4, 2, 4, 6, seed=12, requires_grad=True)
     ops = torch.ops.linattn_cuda
-    for causal in (False, True):
-        torch.library.opcheck(ops.taylor_varlen_fwd, (q, k, v, cq, ck, causal, 0.5))
-        out, den = ops.taylor_varlen_fwd(q, k, v, cq, ck, causal, 0.5)
-        assert den.shape == (4, 13)
-        g = torch.randn_like(out)
-        torch.library.opcheck(ops.taylor_varlen_bwd,
-                              (g, q.detach(), k.detach(), v.detach(), cq, ck, out.detach(), den, causal, 0.5))
     qd, kd, vd = q.detach(), k.detach(), v.detach()
-    torch.library.opcheck(ops.taylor_varlen_prefill, (qd, kd, vd, cq, ck, None, None, 0.5))
-    _, kv, ks = ops.taylor_varlen_prefill(qd, kd, vd, cq, ck, None, None, 0.5)
+    for causal in (False, True):
+        args = fwd_args(q, k, v, None, causal, cu_q=cq, cu_k=ck)
+        torch.library.opcheck(ops.taylor_fwd, args)
+        out, den, _, _ = ops.taylor_fwd(*args)
+        assert den.shape == (13, 4)
+        g = torch.randn_like(out)
+        torch.library.opcheck(ops.taylor_bwd, bwd_args(g, qd, kd, vd, out.detach(), den, None, causal, cu_q=cq, cu_k=ck))
+    _, _, kv, ks = ops.taylor_fwd(*fwd_args(qd, kd, vd, None, True, cu_q=cq, cu_k=ck, return_state=True))
     assert kv.shape == (4, 2, 15, 6)
-    torch.library.opcheck(ops.taylor_varlen_prefill, (qd, kd, vd, cq, ck, kv, ks, 0.5))
+    torch.library.opcheck(ops.taylor_fwd, fwd_args(qd, kd, vd, None, True, cu_q=cq, cu_k=ck, kv0=kv, k_sum0=ks,
+                                                   return_state=True))
 
 
 class _PackedBlock(torch.nn.Module):
@@ -331,23 +325,3 @@ def test_varlen_torch_compile_fullgraph():
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     out.sum().backward()
     assert model.proj.weight.grad is not None
-
-
-def test_varlen_routes_around_backends_without_it(monkeypatch):
-    from linattn_cuda.ops import dispatch as backends
-
-    class Plain:
-        def unavailable_reason(self, device):
-            return None
-
-    monkeypatch.setitem(backends._FACTORIES, "plain", Plain)
-    monkeypatch.setitem(backends._INSTANCES, "plain", Plain())
-    q, k, v, cq, ck = packed([3, 5], [4, 7], 2, 2, 4, 3)
-    with pytest.raises(NotImplementedError, match=r"backend 'plain' does not support packed variable-length"):
-        la.taylor_attention_varlen(q, k, v, cq, ck, backend="plain")
-    if "triton" in la.available_backends("cpu"):
-        with pytest.raises(NotImplementedError, match="'triton' does not support packed variable-length"):
-            la.taylor_attention_varlen(q, k, v, cq, ck, backend="triton")
-    from linattn_cuda.ops.dispatch import choose_backend
-
-    assert choose_backend(q, causal=False, needs=frozenset({"varlen"})) == ("cpu" if has_kernel("CPU") else "reference")

@@ -13,7 +13,7 @@ namespace linattn_cuda {
 namespace cpu {
 namespace {  // internal linkage: every kernel file has its own copy
 
-// Problem description shared by the kernels; pointers are to contiguous [B, H, L, *] buffers of type T.
+// The shape of one (sequence, head) task; pointers are to contiguous rows of type T.
 struct Shape {
   int64_t batch, heads, lq, lk, d, dv;
 };
@@ -31,7 +31,7 @@ struct Rows {
   int64_t row(int64_t n, int64_t h) const { return start[n] + h * head_stride; }
 };
 
-struct Problem {
+struct Tasks {
   int64_t seqs = 0, heads = 0, kv_heads = 0, d = 0, dv = 0;
   Rows q, k;  // k's rows also index v, dk and dv
   int64_t group() const { return kv_heads > 0 ? heads / kv_heads : 1; }
@@ -48,9 +48,9 @@ Rows dense_rows(int64_t batch, int64_t heads, int64_t len) {
   return r;
 }
 
-// q [B, H, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] (checked)
-Problem dense_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  Problem p;
+// q [B, H, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] (checked by describe_problem)
+Tasks dense_tasks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  Tasks p;
   p.seqs = q.size(0), p.heads = q.size(1), p.kv_heads = k.size(1), p.d = q.size(3), p.dv = v.size(3);
   p.q = dense_rows(p.seqs, p.heads, q.size(2));
   p.k = dense_rows(p.seqs, p.kv_heads, k.size(2));
@@ -79,9 +79,9 @@ Rows packed_rows(const at::Tensor& cu, int64_t total, const char* name) {
 }
 
 // q [Tq, H, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv] (checked) and their cu_seqlens.
-Problem packed_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+Tasks packed_tasks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
                        const at::Tensor& cu_k, bool causal) {
-  Problem p;
+  Tasks p;
   p.heads = q.size(1), p.kv_heads = k.size(1), p.d = q.size(2), p.dv = v.size(2);
   p.q = packed_rows(cu_q, q.size(0), "cu_seqlens_q");
   p.k = packed_rows(cu_k, k.size(0), "cu_seqlens_k");
@@ -128,7 +128,7 @@ ColumnSplit column_split(int64_t tasks, int64_t dv) {
 // Dv = 0). Threads take tasks from a shared counter, longest sequences first, so that packed sequences of unequal
 // lengths keep every thread busy to the end.
 template <typename F>
-void for_each_task(const Problem& p, int64_t heads, const ColumnSplit& cs, F fn) {
+void for_each_task(const Tasks& p, int64_t heads, const ColumnSplit& cs, F fn) {
   const int64_t per_seq = heads * cs.count, total = p.seqs * per_seq;
   if (total == 0) return;
   std::vector<int64_t> order(p.seqs);

@@ -34,15 +34,13 @@
 #include <string>
 #include <vector>
 
+#include "../include/problem.h"
 #include "math.h"
 #include "tasks.h"
 
 namespace linattn_cuda {
 namespace cpu {
 namespace {
-
-constexpr int64_t kMaxHeadDim = 128;
-constexpr int64_t kMaxValueDim = 256;
 
 // ---------------------------------------------------------------------------------------------------------
 // Which algorithm and chunk size, per shape. Measured on a 2-core Xeon (Sapphire Rapids) with MKL:
@@ -77,26 +75,69 @@ Plan make_plan(const Shape& s, bool causal) {
     const int64_t off = s.lk - s.lq;
     const double quad = 2.0 * s.lq * (off + 0.5 * s.lq) * (s.d + dv1);
     const double lin = 2.0 * (s.lk + 2 * s.lq) * m * dv1;
-    const bool quadratic = form == 0 ? (s.lq <= quad_max && (off == 0 || quad <= 2.0 * lin)) : form == 1;
+    // Large head dims (M grows as D^2 / 2) make the quadratic form the cheaper one at any length seen in practice.
+    const bool quadratic =
+        form == 0 ? ((s.lq <= quad_max && (off == 0 || quad <= 2.0 * lin)) || 4.0 * quad <= lin) : form == 1;
     if (quadratic) return {true, static_cast<int>(std::clamp<int64_t>(s.lq, 1, 256))};
     return {false, static_cast<int>(chunk)};
   }
   // Non-causal: FLOPs of each form; the quadratic form runs closer to peak, hence the factor 2.
   const double quad = 2.0 * s.lq * s.lk * (s.d + dv1);
   const double lin = 2.0 * (s.lq + s.lk) * m * dv1;
-  const bool quadratic = form == 0 ? (s.lk <= 4096 && quad <= 2.0 * lin) : form == 1;
+  const bool quadratic = form == 0 ? ((s.lk <= 4096 && quad <= 2.0 * lin) || 4.0 * quad <= lin) : form == 1;
   return {quadratic, static_cast<int>(chunk)};
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Linear-form building blocks, shared by the forward, the backward and the state passes. A state S_aug is an
+// M x (Dv + 1) matrix (rows ldst apart): S = sum phi(k) v^T in the first Dv columns, z = sum phi(k) in the last.
+
+// Scratch of the feature map for chunks of up to c rows.
+template <typename T>
+struct FeatureScratch {
+  std::vector<T> xt, phi, gt, zq, red;  // x^T, phi^T, a d x c gradient scratch, two c-long row buffers
+  FeatureScratch(int c, int d, int m)
+      : xt(static_cast<size_t>(c) * d), phi(static_cast<size_t>(c) * m), gt(static_cast<size_t>(c) * d), zq(c), red(c) {}
+};
+
+// S_aug += phi(K)^T [V | 1] over the n keys k (rows d apart) / v (rows ld apart); padded keys add nothing.
+// vscratch: n x dv. The normalizer column is kept out of the GEMM (see the forward's note above).
+template <typename T>
+void keys_into_state(const FeatureMap<T>& fm, const T* k, const T* v, const bool* pad, int n, int dv, int ld,
+                     T* st, FeatureScratch<T>& fs, T* vscratch) {
+  const int d = fm.d, m = fm.m, dv1 = dv + 1;
+  fm.features(k, n, fs.xt.data(), fs.phi.data());
+  zero_padded_columns(fs.phi.data(), m, n, pad);
+  int ldv = ld;
+  const T* vc = key_values(v, pad, n, dv, &ldv, vscratch);
+  gemm<T>(false, false, m, dv, n, T(1), fs.phi.data(), n, vc, ldv, T(1), st, dv1);
+  add_feature_sums(fs.phi.data(), m, n, st + dv, dv1);
+  (void)d;
+}
+
+// num = phi(Q)^T S_aug (n x (Dv + 1), the normalizer last; beta = 1 adds to num) for n queries q (rows d apart).
+template <typename T>
+void queries_read_state(const FeatureMap<T>& fm, const T* q, int n, int dv, const T* st, T* num, bool add,
+                        FeatureScratch<T>& fs) {
+  const int m = fm.m, dv1 = dv + 1;
+  fm.features(q, n, fs.xt.data(), fs.phi.data());
+  gemm<T>(true, false, n, dv, m, T(1), fs.phi.data(), n, st, dv1, add ? T(1) : T(0), num, dv1);
+  project_normalizer(fs.phi.data(), m, n, st + dv, dv1, fs.zq.data(), 1, fs.red.data());
+  for (int r = 0; r < n; ++r) {
+    T& z = num[static_cast<int64_t>(r) * dv1 + dv];
+    z = (add ? z : T(0)) + fs.zq[r];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Forward for one (sequence, head) and the value columns [c0, c0 + s.dv) of a value matrix with rows ld apart
-// (v and out point at column c0; ld = s.dv unless the value columns are split across tasks, see
-// run_forward). den may be null (a task that is not the first of its head). state (M x (Dv+1)) is read as
-// the initial state when `has_state` and holds the final state on return when `want_state` (causal only).
-// Causal with Lq < Lk is end-aligned: query i sees the keys j <= i + Lk - Lq.
+// (v and out point at column c0; ld = s.dv unless the value columns are split across tasks, see run_forward).
+// den may be null (a task that is not the first of its head). s0 (M x (Dv+1), or null) is an initial state: every
+// query sees it. s_out (causal linear form only, or null) receives the final state (s0 plus every key); it may be
+// s0 itself. Causal with Lq < Lk is end-aligned: query i sees the keys j <= i + Lk - Lq.
 template <typename T>
 void forward_one(const T* q, const T* k, const T* v, const bool* pad, T* out, T* den, const Shape& s, bool causal,
-                 double scale, const Plan& plan, T* state, bool has_state, bool want_state, int ld) {
+                 double scale, const Plan& plan, const T* s0, T* s_out, int ld) {
   const int d = static_cast<int>(s.d), dv = static_cast<int>(s.dv), dv1 = dv + 1;
   const FeatureMap<T> fm(d, scale);
   const int m = fm.m;
@@ -106,60 +147,56 @@ void forward_one(const T* q, const T* k, const T* v, const bool* pad, T* out, T*
   // num: n x (Dv + 1) rows, the numerator in the first Dv columns and the normalizer in the last
 
   if (plan.quadratic) {
-    const int c = std::min(plan.chunk, lq);
+    TORCH_CHECK(s_out == nullptr, "internal: the quadratic form builds no state");
+    const int c = std::max(1, std::min(plan.chunk, lq));
     std::vector<T> vscratch(pad ? static_cast<size_t>(lk) * dv : 0), sblk(static_cast<size_t>(c) * lk),
         num(static_cast<size_t>(c) * dv1), rowsum(c);
+    FeatureScratch<T> fs(s0 != nullptr ? c : 0, d, m);
     int ldv = ld;
     const T* vk = key_values(v, pad, lk, dv, &ldv, vscratch.data());
     for (int r0 = 0; r0 < lq; r0 += c) {
       const int n = std::min(c, lq - r0);
       const int kend = causal ? std::min(lk, r0 + n + off) : lk;  // the keys this block of queries sees
-      gemm<T>(false, true, n, kend, d, tscale, q + static_cast<int64_t>(r0) * d, d, k, d, T(0), sblk.data(), lk);
+      const T* qc = q + static_cast<int64_t>(r0) * d;
+      if (s0 != nullptr) queries_read_state(fm, qc, n, dv, s0, num.data(), false, fs);
+      gemm<T>(false, true, n, kend, d, tscale, qc, d, k, d, T(0), sblk.data(), lk);
       poly_rows(sblk.data(), n, kend, lk, causal ? r0 + off : -1, pad, rowsum.data());
-      gemm<T>(false, false, n, dv, kend, T(1), sblk.data(), lk, vk, ldv, T(0), num.data(), dv1);
-      for (int r = 0; r < n; ++r) num[static_cast<size_t>(r) * dv1 + dv] = rowsum[r];
+      gemm<T>(false, false, n, dv, kend, T(1), sblk.data(), lk, vk, ldv, s0 != nullptr ? T(1) : T(0), num.data(), dv1);
+      for (int r = 0; r < n; ++r) {
+        T& z = num[static_cast<size_t>(r) * dv1 + dv];
+        z = (s0 != nullptr ? z : T(0)) + rowsum[r];
+      }
       normalize_rows(num.data(), n, dv, out + static_cast<int64_t>(r0) * ld, den ? den + r0 : nullptr, ld);
     }
     return;
   }
 
-  // Linear form. The state S_aug (m x (Dv + 1)): S = sum phi(k) v^T in the first Dv columns, z = sum phi(k) last.
-  const int c = causal ? plan.chunk : std::min<int>(plan.chunk, std::max(lq, lk));
-  std::vector<T> xt(static_cast<size_t>(c) * d), phi(static_cast<size_t>(c) * m),
-      vscratch(pad ? static_cast<size_t>(c) * dv : 0), num(static_cast<size_t>(c) * dv1), acc(c),
-      sblk(causal ? static_cast<size_t>(c) * c : 0);
+  // Linear form, with the state S_aug in st.
+  const int c = causal ? plan.chunk : std::max(1, std::min<int>(plan.chunk, std::max(lq, lk)));
+  FeatureScratch<T> fs(c, d, m);
+  std::vector<T> vscratch(pad ? static_cast<size_t>(c) * dv : 0), num(static_cast<size_t>(c) * dv1),
+      rowsum(c), sblk(causal ? static_cast<size_t>(c) * c : 0);
   std::vector<T> local_state;
-  T* st = state;
+  T* st = s_out;
   if (st == nullptr) {
-    local_state.assign(static_cast<size_t>(m) * dv1, T(0));
+    local_state.resize(static_cast<size_t>(m) * dv1);
     st = local_state.data();
-  } else if (!has_state) {
-    std::fill(st, st + static_cast<int64_t>(m) * dv1, T(0));
   }
-  T* z = st + dv;  // the normalizer column, stride dv1
-
-  // S_aug += phi(K)^T [V | 1] over n keys starting at r0 (phi built into `phi`)
-  auto add_keys = [&](int r0, int n) {
-    const bool* pc = pad ? pad + r0 : nullptr;
-    fm.features(k + static_cast<int64_t>(r0) * d, n, xt.data(), phi.data());
-    zero_padded_columns(phi.data(), m, n, pc);
-    int ldv = ld;
-    const T* vc = key_values(v + static_cast<int64_t>(r0) * ld, pc, n, dv, &ldv, vscratch.data());
-    gemm<T>(false, false, m, dv, n, T(1), phi.data(), n, vc, ldv, T(1), st, dv1);
-    add_feature_sums(phi.data(), m, n, z, dv1);
-  };
-  // num = phi(Q)^T S_aug for n queries starting at r0
-  auto read_state = [&](int r0, int n) {
-    fm.features(q + static_cast<int64_t>(r0) * d, n, xt.data(), phi.data());
-    gemm<T>(true, false, n, dv, m, T(1), phi.data(), n, st, dv1, T(0), num.data(), dv1);
-    project_normalizer(phi.data(), m, n, z, dv1, num.data() + dv, dv1, acc.data());
+  if (s0 == nullptr) {
+    std::fill(st, st + static_cast<int64_t>(m) * dv1, T(0));
+  } else if (s0 != st) {
+    std::copy(s0, s0 + static_cast<int64_t>(m) * dv1, st);
+  }
+  auto add_keys = [&](int r0, int n) {  // S_aug += phi(K)^T [V | 1] over n keys starting at r0
+    keys_into_state(fm, k + static_cast<int64_t>(r0) * d, v + static_cast<int64_t>(r0) * ld,
+                    pad ? pad + r0 : nullptr, n, dv, ld, st, fs, vscratch.data());
   };
 
   if (!causal) {
     for (int r0 = 0; r0 < lk; r0 += c) add_keys(r0, std::min(c, lk - r0));  // state over all keys
     for (int r0 = 0; r0 < lq; r0 += c) {
       const int n = std::min(c, lq - r0);
-      read_state(r0, n);
+      queries_read_state(fm, q + static_cast<int64_t>(r0) * d, n, dv, st, num.data(), false, fs);
       normalize_rows(num.data(), n, dv, out + static_cast<int64_t>(r0) * ld, den ? den + r0 : nullptr, ld);
     }
     return;
@@ -167,32 +204,96 @@ void forward_one(const T* q, const T* k, const T* v, const bool* pad, T* out, T*
 
   // End-aligned causal: the first `off` keys are seen by every query, i.e. they are a prefix state.
   for (int r0 = 0; r0 < off; r0 += c) add_keys(r0, std::min(c, off - r0));
-  bool state_nonzero = has_state || off > 0;
+  bool state_nonzero = s0 != nullptr || off > 0;
   for (int r0 = 0; r0 < lq; r0 += c) {
     const int n = std::min(c, lq - r0);
     const T* qc = q + static_cast<int64_t>(r0) * d;
     const T* kc = k + static_cast<int64_t>(off + r0) * d;
     const bool* pc = pad ? pad + off + r0 : nullptr;
-    T beta = T(0);
-    if (state_nonzero) {  // inter-chunk: phi(Q_c) S_aug
-      read_state(r0, n);
-      beta = T(1);
-    }
-    gemm<T>(false, true, n, n, d, tscale, qc, d, kc, d, T(0), sblk.data(), n);  // intra-chunk
-    poly_rows(sblk.data(), n, n, n, 0, pc, acc.data());
+    if (state_nonzero) queries_read_state(fm, qc, n, dv, st, num.data(), false, fs);  // inter-chunk: phi(Q_c) S_aug
+    gemm<T>(false, true, n, n, d, tscale, qc, d, kc, d, T(0), sblk.data(), n);         // intra-chunk
+    poly_rows(sblk.data(), n, n, n, 0, pc, rowsum.data());
     int ldv = ld;
     const T* vc = key_values(v + static_cast<int64_t>(off + r0) * ld, pc, n, dv, &ldv, vscratch.data());
-    gemm<T>(false, false, n, dv, n, T(1), sblk.data(), n, vc, ldv, beta, num.data(), dv1);
+    gemm<T>(false, false, n, dv, n, T(1), sblk.data(), n, vc, ldv, state_nonzero ? T(1) : T(0), num.data(), dv1);
     for (int r = 0; r < n; ++r) {
       T& zr = num[static_cast<size_t>(r) * dv1 + dv];
-      zr = (state_nonzero ? zr : T(0)) + acc[r];
+      zr = (state_nonzero ? zr : T(0)) + rowsum[r];
     }
     normalize_rows(num.data(), n, dv, out + static_cast<int64_t>(r0) * ld, den ? den + r0 : nullptr, ld);
-    if (r0 + n < lq || want_state) {  // S_aug += phi(K_c)^T [V_c | 1]
+    if (r0 + n < lq || s_out != nullptr) {  // S_aug += phi(K_c)^T [V_c | 1]
       add_keys(off + r0, n);
       state_nonzero = true;
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward building blocks. With G_i = [dO_i / Z_i | -delta_i] (delta_i = dO_i . out_i / Z_i) and [v_j | 1]:
+//   dw_ij = G_i . [v_j | 1];  in the linear form, for a state S_aug the queries read and a state R_aug of queries
+//   the keys feed:  dq_i += J_phi(q_i)^T (S_aug G_i),  R_aug += phi(q_i) G_i^T,
+//                   dk_j += J_phi(k_j)^T (R_aug [v_j | 1]),  dv_j += phi(k_j)^T R_aug[:, :Dv]   (padded keys: 0).
+
+// G of lq queries (an lq x (Dv+1) buffer) for the value columns [c0, c0 + dv) of rows ld apart; delta sums over
+// all ld columns and is carried by the block with `norm` (the others get a 0 normalizer column).
+template <typename T>
+void build_gaug(const T* g, const T* out, const T* den, int lq, int dv, int ld, int c0, bool norm, T* gaug) {
+  const int dv1 = dv + 1;
+  for (int i = 0; i < lq; ++i) {
+    const T z = den[i];
+    const T inv = z != T(0) ? T(1) / z : T(0);
+    const T* gi = g + static_cast<int64_t>(i) * ld;
+    const T* oi = out + static_cast<int64_t>(i) * ld;
+    T* gr = gaug + static_cast<int64_t>(i) * dv1;
+    T delta = T(0);
+    if (norm) {
+      for (int c = 0; c < ld; ++c) delta += gi[c] * oi[c];
+    }
+    for (int c = 0; c < dv; ++c) gr[c] = gi[c0 + c] * inv;
+    gr[dv] = -delta * inv;
+  }
+}
+
+// S_aug += phi(K)^T [V | one] over n keys (the backward's form: one GEMM over Dv + 1 columns; vaug: n x (Dv+1)).
+template <typename T>
+void keys_into_state_aug(const FeatureMap<T>& fm, const T* k, const T* v, const bool* pad, int n, int dv, int ld,
+                         T one, T* st, FeatureScratch<T>& fs, T* vaug) {
+  const int dv1 = dv + 1;
+  fm.features(k, n, fs.xt.data(), fs.phi.data());
+  build_value_aug(v, pad, n, dv, vaug, ld, one);
+  gemm<T>(false, false, fm.m, dv1, n, T(1), fs.phi.data(), n, vaug, dv1, T(1), st, dv1);
+}
+
+// For n queries q with G rows gaug: dq += J_phi(Q)^T (S_aug G^T) when s_aug is given, and R_aug += phi(Q)^T G when
+// r_aug is (u: an m x n scratch).
+template <typename T>
+void queries_against_state(const FeatureMap<T>& fm, const T* q, const T* gaug, int n, int dv, const T* s_aug,
+                           T* dq, T* r_aug, FeatureScratch<T>& fs, T* u) {
+  const int dv1 = dv + 1, m = fm.m;
+  if (r_aug != nullptr) {
+    fm.features(q, n, fs.xt.data(), fs.phi.data());
+  } else {
+    fm.transpose_in(q, n, fs.xt.data());  // J_phi needs x only
+  }
+  if (s_aug != nullptr) {
+    gemm<T>(false, true, m, n, dv1, T(1), s_aug, dv1, gaug, dv1, T(0), u, n);
+    fm.backprop(fs.xt.data(), u, n, fs.gt.data(), dq);
+  }
+  if (r_aug != nullptr) gemm<T>(false, false, m, dv1, n, T(1), fs.phi.data(), n, gaug, dv1, T(1), r_aug, dv1);
+}
+
+// For n keys k / v (rows ld apart, `one` in the normalizer column): dk += J_phi(K)^T (R_aug [V | one]^T) and
+// dv += phi(K)^T R_aug[:, :Dv] (dv rows ld apart); padded keys get nothing.
+template <typename T>
+void keys_against_state(const FeatureMap<T>& fm, const T* k, const T* v, const bool* pad, int n, int dv, int ld,
+                        T one, const T* r_aug, T* dk, T* dv_out, FeatureScratch<T>& fs, T* vaug, T* u) {
+  const int dv1 = dv + 1, m = fm.m;
+  fm.features(k, n, fs.xt.data(), fs.phi.data());
+  zero_padded_columns(fs.phi.data(), m, n, pad);
+  build_value_aug(v, pad, n, dv, vaug, ld, one);
+  gemm<T>(true, false, n, dv, m, T(1), fs.phi.data(), n, r_aug, dv1, T(1), dv_out, ld);
+  gemm<T>(false, true, m, n, dv1, T(1), r_aug, dv1, vaug, dv1, T(0), u, n);
+  fm.backprop(fs.xt.data(), u, n, fs.gt.data(), dk);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -202,6 +303,7 @@ void forward_one(const T* q, const T* k, const T* v, const bool* pad, T* out, T*
 // sums over the value columns (and the normalizer column, which the block with `norm` carries), so the blocks'
 // dq and dk add up to the gradients; dv_out receives the block's own columns. Adding also sums dk and dv over
 // the query heads that share a key/value head (grouped-query attention: the caller runs them one after another).
+// An initial state's part of the gradients is left to the state passes (run_state_backward).
 template <typename T>
 void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pad, const T* out, const T* den,
                   T* dq, T* dk, T* dv_out, const Shape& s, bool causal, double scale, const Plan& plan, int ld = -1,
@@ -215,23 +317,8 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
   const T one = norm ? T(1) : T(0);  // the normalizer column of [v | 1]: 0 in blocks without it
   v += c0;
   dv_out += c0;
-
-  // G = [dO / Z | -dO.out / Z] of this block's columns for every query (an L x (Dv+1) buffer); delta over
-  // all ld columns.
   std::vector<T> gaug(static_cast<size_t>(lq) * dv1);
-  for (int i = 0; i < lq; ++i) {
-    const T z = den[i];
-    const T inv = z != T(0) ? T(1) / z : T(0);
-    const T* gi = g + static_cast<int64_t>(i) * ld;
-    const T* oi = out + static_cast<int64_t>(i) * ld;
-    T* gr = gaug.data() + static_cast<int64_t>(i) * dv1;
-    T delta = T(0);
-    if (norm) {
-      for (int c = 0; c < ld; ++c) delta += gi[c] * oi[c];
-    }
-    for (int c = 0; c < dv; ++c) gr[c] = gi[c0 + c] * inv;
-    gr[dv] = -delta * inv;
-  }
+  build_gaug(g, out, den, lq, dv, ld, c0, norm, gaug.data());
 
   const int off = causal ? lk - lq : 0;  // end-aligned causal: query i sees the keys j <= i + off
   if (plan.quadratic) {
@@ -263,51 +350,36 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
     }
   } else if (!causal) {
     const int c = std::min<int>(plan.chunk, std::max(lq, lk));
-    std::vector<T> xt(static_cast<size_t>(c) * d), gt(static_cast<size_t>(c) * d), phi(static_cast<size_t>(c) * m), vaug(static_cast<size_t>(c) * dv1),
-        u(static_cast<size_t>(c) * m), saug(static_cast<size_t>(m) * dv1, T(0)), raug(static_cast<size_t>(m) * dv1, T(0));
-    for (int r0 = 0; r0 < lk; r0 += c) {  // S_aug over keys
-      const int n = std::min(c, lk - r0);
-      fm.features(k + static_cast<int64_t>(r0) * d, n, xt.data(), phi.data());
-      build_value_aug(v + static_cast<int64_t>(r0) * ld, pad ? pad + r0 : nullptr, n, dv, vaug.data(), ld, one);
-      gemm<T>(false, false, m, dv1, n, T(1), phi.data(), n, vaug.data(), dv1, T(1), saug.data(), dv1);
-    }
-    for (int r0 = 0; r0 < lq; r0 += c) {  // dq, and R_aug over queries
-      const int n = std::min(c, lq - r0);
-      const T* qc = q + static_cast<int64_t>(r0) * d;
-      const T* gc = gaug.data() + static_cast<int64_t>(r0) * dv1;
-      fm.features(qc, n, xt.data(), phi.data());
-      gemm<T>(false, true, m, n, dv1, T(1), saug.data(), dv1, gc, dv1, T(0), u.data(), n);
-      fm.backprop(xt.data(), u.data(), n, gt.data(), dq + static_cast<int64_t>(r0) * d);
-      gemm<T>(false, false, m, dv1, n, T(1), phi.data(), n, gc, dv1, T(1), raug.data(), dv1);
-    }
-    for (int r0 = 0; r0 < lk; r0 += c) {  // dk, dv
-      const int n = std::min(c, lk - r0);
-      const T* kc = k + static_cast<int64_t>(r0) * d;
-      fm.features(kc, n, xt.data(), phi.data());
-      build_value_aug(v + static_cast<int64_t>(r0) * ld, pad ? pad + r0 : nullptr, n, dv, vaug.data(), ld, one);
-      gemm<T>(true, false, n, dv, m, T(1), phi.data(), n, raug.data(), dv1, T(1), dv_out + static_cast<int64_t>(r0) * ld, ld);
-      gemm<T>(false, true, m, n, dv1, T(1), raug.data(), dv1, vaug.data(), dv1, T(0), u.data(), n);
-      fm.backprop(xt.data(), u.data(), n, gt.data(), dk + static_cast<int64_t>(r0) * d);
-    }
+    FeatureScratch<T> fs(c, d, m);
+    std::vector<T> vaug(static_cast<size_t>(c) * dv1), u(static_cast<size_t>(c) * m),
+        saug(static_cast<size_t>(m) * dv1, T(0)), raug(static_cast<size_t>(m) * dv1, T(0));
+    for (int r0 = 0; r0 < lk; r0 += c)  // S_aug over keys
+      keys_into_state_aug(fm, k + static_cast<int64_t>(r0) * d, v + static_cast<int64_t>(r0) * ld,
+                          pad ? pad + r0 : nullptr, std::min(c, lk - r0), dv, ld, one, saug.data(), fs, vaug.data());
+    for (int r0 = 0; r0 < lq; r0 += c)  // dq, and R_aug over queries
+      queries_against_state(fm, q + static_cast<int64_t>(r0) * d, gaug.data() + static_cast<int64_t>(r0) * dv1,
+                            std::min(c, lq - r0), dv, saug.data(), dq + static_cast<int64_t>(r0) * d, raug.data(), fs,
+                            u.data());
+    for (int r0 = 0; r0 < lk; r0 += c)  // dk, dv
+      keys_against_state(fm, k + static_cast<int64_t>(r0) * d, v + static_cast<int64_t>(r0) * ld,
+                         pad ? pad + r0 : nullptr, std::min(c, lk - r0), dv, ld, one, raug.data(),
+                         dk + static_cast<int64_t>(r0) * d, dv_out + static_cast<int64_t>(r0) * ld, fs, vaug.data(),
+                         u.data());
   } else {
     const int c = plan.chunk;
-    std::vector<T> xt(static_cast<size_t>(c) * d), gt(static_cast<size_t>(c) * d), phi(static_cast<size_t>(c) * m), vaug(static_cast<size_t>(c) * dv1), u(static_cast<size_t>(c) * m),
+    FeatureScratch<T> fs(c, d, m);
+    std::vector<T> vaug(static_cast<size_t>(c) * dv1), u(static_cast<size_t>(c) * m),
         sblk(static_cast<size_t>(c) * c), dp(static_cast<size_t>(c) * c), aug(static_cast<size_t>(m) * dv1, T(0));
     // End-aligned (off > 0): the first `off` keys, seen by every query, start the S_aug prefix; in pass 2 they
     // take their gradients from the R_aug of all queries.
-    auto prefix_state = [&](int r0, int n) {
-      fm.features(k + static_cast<int64_t>(r0) * d, n, xt.data(), phi.data());
-      build_value_aug(v + static_cast<int64_t>(r0) * ld, pad ? pad + r0 : nullptr, n, dv, vaug.data(), ld, one);
-      gemm<T>(false, false, m, dv1, n, T(1), phi.data(), n, vaug.data(), dv1, T(1), aug.data(), dv1);
-    };
     auto key_grads = [&](int r0, int n) {  // dk, dv of n keys at r0 from the R_aug in `aug`
-      fm.features(k + static_cast<int64_t>(r0) * d, n, xt.data(), phi.data());
-      build_value_aug(v + static_cast<int64_t>(r0) * ld, pad ? pad + r0 : nullptr, n, dv, vaug.data(), ld, one);
-      gemm<T>(true, false, n, dv, m, T(1), phi.data(), n, aug.data(), dv1, T(1), dv_out + static_cast<int64_t>(r0) * ld, ld);
-      gemm<T>(false, true, m, n, dv1, T(1), aug.data(), dv1, vaug.data(), dv1, T(0), u.data(), n);
-      fm.backprop(xt.data(), u.data(), n, gt.data(), dk + static_cast<int64_t>(r0) * d);
+      keys_against_state(fm, k + static_cast<int64_t>(r0) * d, v + static_cast<int64_t>(r0) * ld,
+                         pad ? pad + r0 : nullptr, n, dv, ld, one, aug.data(), dk + static_cast<int64_t>(r0) * d,
+                         dv_out + static_cast<int64_t>(r0) * ld, fs, vaug.data(), u.data());
     };
-    for (int r0 = 0; r0 < off; r0 += c) prefix_state(r0, std::min(c, off - r0));
+    for (int r0 = 0; r0 < off; r0 += c)
+      keys_into_state_aug(fm, k + static_cast<int64_t>(r0) * d, v + static_cast<int64_t>(r0) * ld,
+                          pad ? pad + r0 : nullptr, std::min(c, off - r0), dv, ld, one, aug.data(), fs, vaug.data());
     // Pass 1, forward over chunks: intra-chunk gradients and dq's inter-chunk part (S_aug prefix in `aug`).
     for (int r0 = 0; r0 < lq; r0 += c) {
       const int n = std::min(c, lq - r0);
@@ -315,12 +387,8 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
       const T* kc = k + static_cast<int64_t>(off + r0) * d;
       const T* gc = gaug.data() + static_cast<int64_t>(r0) * dv1;
       T* dqc = dq + static_cast<int64_t>(r0) * d;
+      if (r0 > 0 || off > 0) queries_against_state(fm, qc, gc, n, dv, aug.data(), dqc, static_cast<T*>(nullptr), fs, u.data());
       build_value_aug(v + static_cast<int64_t>(off + r0) * ld, pad ? pad + off + r0 : nullptr, n, dv, vaug.data(), ld, one);
-      if (r0 > 0 || off > 0) {
-        gemm<T>(false, true, m, n, dv1, T(1), aug.data(), dv1, gc, dv1, T(0), u.data(), n);
-        fm.transpose_in(qc, n, xt.data());
-        fm.backprop(xt.data(), u.data(), n, gt.data(), dqc);
-      }
       gemm<T>(false, true, n, n, d, tscale, qc, d, kc, d, T(0), sblk.data(), n);
       gemm<T>(false, true, n, n, dv1, T(1), gc, dv1, vaug.data(), dv1, T(0), dp.data(), n);
       for (int i = 0; i < n; ++i) {
@@ -337,9 +405,9 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
       gemm<T>(false, false, n, d, n, tscale, dp.data(), n, kc, d, T(1), dqc, d);
       gemm<T>(true, false, n, d, n, tscale, dp.data(), n, qc, d, T(1), dk + kr * d, d);
       gemm<T>(true, false, n, dv, n, T(1), sblk.data(), n, gc, dv1, T(1), dv_out + kr * ld, ld);
-      if (r0 + n < lq) {
-        fm.features(kc, n, xt.data(), phi.data());
-        gemm<T>(false, false, m, dv1, n, T(1), phi.data(), n, vaug.data(), dv1, T(1), aug.data(), dv1);
+      if (r0 + n < lq) {  // S_aug += phi(K_c)^T [V_c | 1] (vaug already holds the chunk's [V | one])
+        fm.features(kc, n, fs.xt.data(), fs.phi.data());
+        gemm<T>(false, false, m, dv1, n, T(1), fs.phi.data(), n, vaug.data(), dv1, T(1), aug.data(), dv1);
       }
     }
     // Pass 2, backward over chunks: dk's and dv's inter-chunk parts (R_aug suffix in `aug`).
@@ -347,13 +415,10 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
     const int last = ((lq - 1) / c) * c;
     for (int r0 = last; r0 >= 0; r0 -= c) {
       const int n = std::min(c, lq - r0);
-      const T* qc = q + static_cast<int64_t>(r0) * d;
       if (r0 < last) key_grads(off + r0, n);
-      if (r0 > 0 || off > 0) {
-        fm.features(qc, n, xt.data(), phi.data());
-        gemm<T>(false, false, m, dv1, n, T(1), phi.data(), n, gaug.data() + static_cast<int64_t>(r0) * dv1, dv1, T(1),
-                aug.data(), dv1);
-      }
+      if (r0 > 0 || off > 0)
+        queries_against_state(fm, q + static_cast<int64_t>(r0) * d, gaug.data() + static_cast<int64_t>(r0) * dv1, n,
+                              dv, static_cast<const T*>(nullptr), static_cast<T*>(nullptr), aug.data(), fs, u.data());
     }
     for (int r0 = 0; r0 < off; r0 += c) key_grads(r0, std::min(c, off - r0));
   }
@@ -405,71 +470,50 @@ LA_SIMD_CLONES void step_one(const T* __restrict__ s_old, T* __restrict__ s_new,
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Argument checks (the Python API checks first; these protect direct torch.ops callers).
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+// The kernels over a call's tasks. q, k, v (and grad_out, out, den) are head-major buffers in the accumulation
+// type; mask is a dense problem's [B, Lk] key padding mask or undefined. A state travels as one
+// [N, Hkv, M, Dv + 1] "aug" tensor (kv columns, then k_sum); a column block of width w uses the [.., w + 1]
+// tensor of its columns and k_sum (state_block).
 
-// Device, dtype and dims of q, k, v whose last dim is the feature / value dim (dense [B, H, L, *] or packed
-// [T, H, *]); heads at dim `hd`: the query heads a multiple of the key/value heads (grouped-query attention).
-void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t hd) {
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "q, k, v must be CPU tensors");
-  const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-              "q must be float16, bfloat16, float32 or float64, got ", dt);
-  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "k and v must have q's dtype ", dt);
-  const int64_t h = q.size(hd), hk = k.size(hd);
-  TORCH_CHECK(v.size(hd) == hk, "v must have the key/value heads of k (", hk, "), got shape ", v.sizes());
-  TORCH_CHECK(hk == h || (hk > 0 && h % hk == 0), "the query heads of q (", h,
-              ") must be a multiple of the key/value heads of k (", hk, ") (grouped-query attention)");
-  const int64_t last = q.dim() - 1;
-  TORCH_CHECK(k.size(last) == q.size(last), "k must have the feature dim D of q (", q.size(last), "), got shape ",
-              k.sizes());
-  TORCH_CHECK(q.size(last) >= 1 && q.size(last) <= kMaxHeadDim, "q/k feature dim D must be in [1, ", kMaxHeadDim,
-              "], got ", q.size(last));
-  TORCH_CHECK(v.size(last) <= kMaxValueDim, "value dim Dv must be <= ", kMaxValueDim, ", got ", v.size(last));
+at::Tensor state_block(const at::Tensor& aug, int64_t c0, int64_t w) {
+  const int64_t dv = aug.size(-1) - 1;
+  return at::cat({aug.narrow(-1, c0, w), aug.narrow(-1, dv, 1)}, -1).contiguous();
 }
 
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
-               bool causal) {
-  TORCH_CHECK(q.dim() == 4, "q must have shape [B, H, Lq, D], got ", q.sizes());
-  TORCH_CHECK(k.dim() == 4, "k must have shape [B, Hkv, Lk, D], got ", k.sizes());
-  TORCH_CHECK(v.dim() == 4, "v must have shape [B, Hkv, Lk, Dv], got ", v.sizes());
-  TORCH_CHECK(k.size(0) == q.size(0), "k must have the batch size of q (", q.size(0), "), got shape ", k.sizes());
-  TORCH_CHECK(v.size(0) == q.size(0) && v.size(2) == k.size(2), "v must have shape [B, Hkv, Lk, Dv] matching k ",
-              k.sizes(), ", got ", v.sizes());
-  check_common(q, k, v, 1);
-  TORCH_CHECK(!causal || q.size(2) <= k.size(2), "causal attention needs Lq <= Lk (end-aligned), got ", q.size(2),
-              " and ", k.size(2));
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool, "key_padding_mask must be bool (True = padding), got ",
-                mask->scalar_type());
-    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == q.size(0) && mask->size(1) == k.size(2),
-                "key_padding_mask must have shape [B, Lk] = [", q.size(0), ", ", k.size(2), "], got ", mask->sizes());
-    TORCH_CHECK(mask->device().is_cpu(), "key_padding_mask must be a CPU tensor");
-  }
+// The aug tensor of every column block of cs (empty when there is no state).
+std::vector<at::Tensor> state_blocks(const at::Tensor& aug, const ColumnSplit& cs) {
+  std::vector<at::Tensor> blocks;
+  if (!aug.defined()) return blocks;
+  for (int64_t block = 0; block < cs.count; ++block) blocks.push_back(state_block(aug, cs.start(block), cs.size(block)));
+  return blocks;
 }
 
-void check_packed_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.dim() == 3, "q must have shape [Tq, H, D], got ", q.sizes());
-  TORCH_CHECK(k.dim() == 3, "k must have shape [Tk, Hkv, D], got ", k.sizes());
-  TORCH_CHECK(v.dim() == 3 && v.size(0) == k.size(0), "v must have shape [Tk, Hkv, Dv] matching k ", k.sizes(),
-              ", got ", v.sizes());
-  check_common(q, k, v, 1);
+// The [N, Hkv, M, Dv + 1] aug tensor from the blocks of cs (each carries k_sum; block 0's is kept).
+at::Tensor join_state_blocks(const std::vector<at::Tensor>& blocks, const ColumnSplit& cs) {
+  std::vector<at::Tensor> parts;
+  for (int64_t block = 0; block < cs.count; ++block) parts.push_back(blocks[block].narrow(-1, 0, cs.size(block)));
+  parts.push_back(blocks[0].narrow(-1, cs.size(0), 1));
+  return at::cat(parts, -1).contiguous();
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// The three kernels over a Problem. q, k, v (and grad_out, out, den) are head-major buffers in the accumulation
-// type; mask is a dense problem's [B, Lk] key padding mask or undefined.
+template <typename T>
+T* state_ptr(const std::vector<at::Tensor>& blocks, int64_t block, int64_t n, int64_t hk, int64_t kv_heads) {
+  if (blocks.empty()) return nullptr;
+  const at::Tensor& b = blocks[block];
+  return b.data_ptr<T>() + (n * kv_heads + hk) * b.size(2) * b.size(3);
+}
 
-// out [rows, Dv], den [rows] of the query rows.
-void run_forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const at::Tensor& mask, const at::Tensor& out, const at::Tensor& den, bool causal, double scale) {
+// out [rows, Dv], den [rows] of the query rows; s0: the initial state (aug) or undefined.
+void run_forward(const Tasks& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                 const at::Tensor& s0, const at::Tensor& out, const at::Tensor& den, bool causal, double scale) {
   if (out.numel() == 0) {
-    if (den.numel() > 0) den.zero_();  // Dv == 0: no output columns, but the normalizer is still defined
-    return;
+    if (den.numel() > 0 && !s0.defined()) den.zero_();  // Dv == 0: no output columns, the normalizer still defined
+    if (den.numel() == 0 || !s0.defined()) return;
   }
   // With fewer tasks than threads, split the value columns too: each task owns a block of output columns
   // (and recomputes the normalizer, written by the first block only). Blocks of >= 16 columns.
   const ColumnSplit cs = column_split(p.seqs * p.heads, p.dv);
+  const std::vector<at::Tensor> s0b = state_blocks(s0, cs);
   const int64_t group = p.group();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "taylor_fwd_cpu", [&] {
     for_each_task(p, p.heads, cs, [&](int64_t n, int64_t h, int64_t block) {
@@ -477,7 +521,8 @@ void run_forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
       const Shape part = p.shape(n, cs.size(block));
       scalar_t* o = out.data_ptr<scalar_t>() + qr * p.dv + c0;
       scalar_t* z = block == 0 ? den.data_ptr<scalar_t>() + qr : nullptr;
-      if (part.lk == 0) {  // no key: defined as 0
+      const scalar_t* st = state_ptr<scalar_t>(s0b, block, n, h / group, p.kv_heads);
+      if (part.lk == 0 && st == nullptr) {  // no key: defined as 0
         for (int64_t i = 0; i < part.lq; ++i) std::fill(o + i * p.dv, o + i * p.dv + part.dv, scalar_t(0));
         if (z != nullptr) std::fill(z, z + part.lq, scalar_t(0));
         return;
@@ -485,13 +530,81 @@ void run_forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
       if (part.lq == 0) return;
       forward_one<scalar_t>(q.data_ptr<scalar_t>() + qr * p.d, k.data_ptr<scalar_t>() + kr * p.d,
                             v.data_ptr<scalar_t>() + kr * p.dv + c0, mask_ptr(mask, n, part.lk), o, z, part, causal,
-                            scale, make_plan(p.shape(n, p.dv), causal), nullptr, false, false, static_cast<int>(p.dv));
+                            scale, make_plan(p.shape(n, p.dv), causal), st, nullptr, static_cast<int>(p.dv));
     });
   });
 }
 
+// Causal forward that also returns the final state of every (sequence, key/value head) (aug, in the accumulation
+// type), from the initial state s0 (aug) or zeros; out [rows, Dv], den [rows].
+at::Tensor run_prefill(const Tasks& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& mask, const at::Tensor& s0, const at::Tensor& out, const at::Tensor& den,
+                       double scale) {
+  const int64_t m = 1 + p.d + p.d * (p.d + 1) / 2, group = p.group();
+  // A task per (sequence, key/value head, column block), as in the backward: the state belongs to the key/value
+  // head, so the group's query heads run one after another and the last one builds the final state.
+  const ColumnSplit cs = column_split(p.seqs * p.kv_heads, p.dv);
+  const std::vector<at::Tensor> s0b = state_blocks(s0, cs);
+  std::vector<at::Tensor> states;
+  for (int64_t block = 0; block < cs.count; ++block)
+    states.push_back(at::empty({p.seqs, p.kv_heads, m, cs.size(block) + 1}, q.options()));
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "taylor_prefill_cpu", [&] {
+    for_each_task(p, p.kv_heads, cs, [&](int64_t n, int64_t hk, int64_t block) {
+      const Shape part = p.shape(n, cs.size(block));
+      const int64_t w = part.dv, kr = p.k.row(n, hk), c0 = cs.start(block);
+      Plan plan = make_plan(p.shape(n, p.dv), true);
+      plan.quadratic = false;
+      plan.chunk = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(plan.chunk, part.lk)));
+      scalar_t* st = state_ptr<scalar_t>(states, block, n, hk, p.kv_heads);
+      const scalar_t* init = state_ptr<scalar_t>(s0b, block, n, hk, p.kv_heads);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        const bool last = h == (hk + 1) * group - 1;
+        if (!last && part.lq == 0) continue;
+        const int64_t qr = p.q.row(n, h);
+        forward_one<scalar_t>(q.data_ptr<scalar_t>() + qr * p.d, k.data_ptr<scalar_t>() + kr * p.d,
+                              v.data_ptr<scalar_t>() + kr * p.dv + c0, mask_ptr(mask, n, part.lk),
+                              out.data_ptr<scalar_t>() + qr * p.dv + c0,
+                              block == 0 ? den.data_ptr<scalar_t>() + qr : nullptr, part, true, scale, plan, init,
+                              last ? st : nullptr, static_cast<int>(p.dv));
+      }
+      (void)w;
+    });
+  });
+  return join_state_blocks(states, cs);
+}
+
+// The state of every (sequence, key/value head) after all its keys: s0 (aug) or zeros plus phi(K)^T [V | 1].
+at::Tensor run_state(const Tasks& p, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                     const at::Tensor& s0, double scale) {
+  const int64_t m = 1 + p.d + p.d * (p.d + 1) / 2;
+  const ColumnSplit cs = column_split(p.seqs * p.kv_heads, p.dv);
+  std::vector<at::Tensor> states = state_blocks(s0, cs);
+  if (states.empty()) {
+    for (int64_t block = 0; block < cs.count; ++block)
+      states.push_back(at::zeros({p.seqs, p.kv_heads, m, cs.size(block) + 1}, k.options()));
+  }
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "taylor_state_cpu", [&] {
+    for_each_task(p, p.kv_heads, cs, [&](int64_t n, int64_t hk, int64_t block) {
+      const int lk = static_cast<int>(p.k.len[n]), w = static_cast<int>(cs.size(block));
+      if (lk == 0) return;
+      const int c = std::min(lk, static_cast<int>(env_int("LINATTN_CPU_CHUNK", 64)));
+      const FeatureMap<scalar_t> fm(static_cast<int>(p.d), scale);
+      FeatureScratch<scalar_t> fs(c, fm.d, fm.m);
+      std::vector<scalar_t> vscratch(mask.defined() ? static_cast<size_t>(c) * w : 0);
+      const int64_t kr = p.k.row(n, hk);
+      const bool* pad = mask_ptr(mask, n, lk);
+      scalar_t* st = state_ptr<scalar_t>(states, block, n, hk, p.kv_heads);
+      for (int r0 = 0; r0 < lk; r0 += c)
+        keys_into_state(fm, k.data_ptr<scalar_t>() + (kr + r0) * p.d,
+                        v.data_ptr<scalar_t>() + (kr + r0) * p.dv + cs.start(block), pad ? pad + r0 : nullptr,
+                        std::min(c, lk - r0), w, static_cast<int>(p.dv), st, fs, vscratch.data());
+    });
+  });
+  return join_state_blocks(states, cs);
+}
+
 // dq, dk, dv zero-initialised, head-major like q, k, v.
-void run_backward(const Problem& p, const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
+void run_backward(const Tasks& p, const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
                   const at::Tensor& v, const at::Tensor& mask, const at::Tensor& out, const at::Tensor& den,
                   const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, bool causal, double scale) {
   if (q.numel() == 0 || k.numel() == 0 || out.numel() == 0) return;
@@ -531,201 +644,156 @@ void run_backward(const Problem& p, const at::Tensor& g, const at::Tensor& q, co
   }
 }
 
-// Causal prefill: out [rows, Dv] and the final state of every (sequence, key/value head), from the initial state
-// (kv_in [N, Hkv, M, Dv], k_sum_in [N, Hkv, M] in the accumulation type) or zeros. Returns (kv, k_sum).
-std::tuple<at::Tensor, at::Tensor> run_prefill(const Problem& p, const at::Tensor& q, const at::Tensor& k,
-                                               const at::Tensor& v, const at::Tensor& mask, const at::Tensor& kv_in,
-                                               const at::Tensor& k_sum_in, const at::Tensor& out, double scale) {
-  const int64_t m = 1 + p.d + p.d * (p.d + 1) / 2, group = p.group();
-  const bool has_state = kv_in.defined();
-  // A task per (sequence, key/value head, column block), as in the backward: the state belongs to the key/value
-  // head, so the group's query heads run one after another, all but the last on a scratch copy of the initial
-  // state. The state of a block travels as one [N, Hkv, M, w+1] buffer: its w kv columns, then k_sum (every
-  // block carries it; block 0's is returned).
-  const ColumnSplit cs = column_split(p.seqs * p.kv_heads, p.dv);
-  std::vector<at::Tensor> states;
-  for (int64_t block = 0; block < cs.count; ++block) {
-    const int64_t c0 = cs.start(block), w = cs.size(block);
-    states.push_back(has_state ? at::cat({kv_in.narrow(-1, c0, w), k_sum_in.unsqueeze(-1)}, -1).contiguous()
-                               : at::zeros({p.seqs, p.kv_heads, m, w + 1}, q.options()));
-  }
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "taylor_prefill_cpu", [&] {
-    for_each_task(p, p.kv_heads, cs, [&](int64_t n, int64_t hk, int64_t block) {
-      const Shape part = p.shape(n, cs.size(block));
-      if (part.lk == 0) return;  // no key (nor query): the state stays, no output row
-      const int64_t w = part.dv, kr = p.k.row(n, hk), c0 = cs.start(block);
-      Plan plan = make_plan(p.shape(n, p.dv), true);
-      plan.quadratic = false;
-      plan.chunk = std::min<int>(plan.chunk, static_cast<int>(part.lk));
-      scalar_t* st = states[block].data_ptr<scalar_t>() + (n * p.kv_heads + hk) * m * (w + 1);
-      std::vector<scalar_t> scratch(group > 1 ? static_cast<size_t>(m * (w + 1)) : 0);
-      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        const bool last = h == (hk + 1) * group - 1;
-        if (!last && part.lq == 0) continue;
-        scalar_t* s = st;
-        if (!last) {
-          if (has_state) std::copy(st, st + m * (w + 1), scratch.data());
-          s = scratch.data();
+// The gradient's state parts, after run_backward: with an initial state s0 (aug), dq += J_phi(q)^T (S0_aug G) and
+// dS0 = sum over the group's queries of phi(q) G^T; with the gradient dsf (aug) of the final state (s0 plus every
+// key), dk, dv += its part (the keys as if read by one more query) and dS0 += dsf. Returns dS0 (aug) or undefined.
+at::Tensor run_state_backward(const Tasks& p, const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& mask, const at::Tensor& out, const at::Tensor& den,
+                              const at::Tensor& s0, const at::Tensor& dsf, const at::Tensor& dq, const at::Tensor& dk,
+                              const at::Tensor& dv, double scale) {
+  const int64_t m = 1 + p.d + p.d * (p.d + 1) / 2, group = p.group(), dv1 = p.dv + 1;
+  at::Tensor ds0 = s0.defined() ? at::zeros({p.seqs, p.kv_heads, m, dv1}, q.options()) : at::Tensor();
+  const ColumnSplit whole{1, p.dv, p.dv};
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "taylor_state_bwd_cpu", [&] {
+    for_each_task(p, p.kv_heads, whole, [&](int64_t n, int64_t hk, int64_t) {
+      const int lq = static_cast<int>(p.q.len[n]), lk = static_cast<int>(p.k.len[n]), d = static_cast<int>(p.d);
+      const int dvi = static_cast<int>(p.dv);
+      const int c = std::max(1, std::min(std::max(lq, lk), static_cast<int>(env_int("LINATTN_CPU_CHUNK", 64))));
+      const FeatureMap<scalar_t> fm(d, scale);
+      FeatureScratch<scalar_t> fs(c, d, fm.m);
+      std::vector<scalar_t> u(static_cast<size_t>(c) * fm.m), vaug(static_cast<size_t>(c) * dv1);
+      const int64_t off = (n * p.kv_heads + hk) * m * dv1;
+      if (s0.defined() && lq > 0) {
+        std::vector<scalar_t> gaug(static_cast<size_t>(lq) * dv1);
+        const scalar_t* s0p = s0.data_ptr<scalar_t>() + off;
+        scalar_t* r = ds0.data_ptr<scalar_t>() + off;
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+          const int64_t qr = p.q.row(n, h);
+          build_gaug(g.data_ptr<scalar_t>() + qr * p.dv, out.data_ptr<scalar_t>() + qr * p.dv,
+                     den.data_ptr<scalar_t>() + qr, lq, dvi, dvi, 0, true, gaug.data());
+          for (int r0 = 0; r0 < lq; r0 += c)
+            queries_against_state(fm, q.data_ptr<scalar_t>() + (qr + r0) * p.d, gaug.data() + static_cast<int64_t>(r0) * dv1,
+                                  std::min(c, lq - r0), dvi, s0p, dq.data_ptr<scalar_t>() + (qr + r0) * p.d, r, fs,
+                                  u.data());
         }
-        const int64_t qr = p.q.row(n, h);
-        forward_one<scalar_t>(q.data_ptr<scalar_t>() + qr * p.d, k.data_ptr<scalar_t>() + kr * p.d,
-                              v.data_ptr<scalar_t>() + kr * p.dv + c0, mask_ptr(mask, n, part.lk),
-                              out.data_ptr<scalar_t>() + qr * p.dv + c0, nullptr, part, true, scale, plan, s,
-                              has_state, last, static_cast<int>(p.dv));
+      }
+      if (dsf.defined()) {
+        const scalar_t* dsp = dsf.data_ptr<scalar_t>() + off;
+        const int64_t kr = p.k.row(n, hk);
+        const bool* pad = mask_ptr(mask, n, lk);
+        for (int r0 = 0; r0 < lk; r0 += c)
+          keys_against_state(fm, k.data_ptr<scalar_t>() + (kr + r0) * p.d, v.data_ptr<scalar_t>() + (kr + r0) * p.dv,
+                             pad ? pad + r0 : nullptr, std::min(c, lk - r0), dvi, dvi, scalar_t(1), dsp,
+                             dk.data_ptr<scalar_t>() + (kr + r0) * p.d, dv.data_ptr<scalar_t>() + (kr + r0) * p.dv, fs,
+                             vaug.data(), u.data());
+        if (ds0.defined()) {
+          scalar_t* r = ds0.data_ptr<scalar_t>() + off;
+          for (int64_t i = 0; i < m * dv1; ++i) r[i] += dsp[i];
+        }
       }
     });
   });
-  std::vector<at::Tensor> kv_parts;
-  for (int64_t block = 0; block < cs.count; ++block) kv_parts.push_back(states[block].narrow(-1, 0, cs.size(block)));
-  return {at::cat(kv_parts, -1).contiguous(), states[0].select(-1, cs.size(0)).contiguous()};
-}
-
-void check_state(const at::Tensor& kv, const at::Tensor& k_sum, int64_t b, int64_t h, int64_t m, int64_t dv) {
-  TORCH_CHECK(kv.dim() == 4 && kv.size(0) == b && kv.size(1) == h && kv.size(2) == m && kv.size(3) == dv,
-              "kv must have shape [B, Hkv, M, Dv] = [", b, ", ", h, ", ", m, ", ", dv, "], got ", kv.sizes());
-  TORCH_CHECK(k_sum.dim() == 3 && k_sum.size(0) == b && k_sum.size(1) == h && k_sum.size(2) == m,
-              "k_sum must have shape [B, Hkv, M] = [", b, ", ", h, ", ", m, "], got ", k_sum.sizes());
-  TORCH_CHECK(kv.scalar_type() == k_sum.scalar_type() &&
-                  (kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kDouble),
-              "kv and k_sum must both be float32 or both float64");
-  TORCH_CHECK(kv.device().is_cpu() && k_sum.device().is_cpu(), "kv and k_sum must be CPU tensors");
-}
-
-// The accumulation type of a prefill (the initial state's, else float32 / float64) and the checked initial state.
-at::ScalarType prefill_state(const c10::optional<at::Tensor>& kv_in, const c10::optional<at::Tensor>& k_sum_in,
-                             const Problem& p, at::ScalarType dt, at::Tensor* kv, at::Tensor* k_sum) {
-  TORCH_CHECK(kv_in.has_value() == k_sum_in.has_value(), "kv and k_sum must be given together");
-  if (!kv_in.has_value()) return acc_type(dt);
-  const int64_t m = 1 + p.d + p.d * (p.d + 1) / 2;
-  check_state(*kv_in, *k_sum_in, p.seqs, p.kv_heads, m, p.dv);
-  *kv = *kv_in;
-  *k_sum = *k_sum_in;
-  return kv_in->scalar_type();
+  return ds0;
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// The ops (schemas in csrc/ops.cpp): dense [B, H, L, *] and packed varlen [T, H, *] entry points of the kernels.
-std::tuple<at::Tensor, at::Tensor> taylor_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                 const at::Tensor& v_in, const c10::optional<at::Tensor>& mask_in,
-                                                 bool causal, double scale) {
-  check_qkv(q_in, k_in, v_in, mask_in, causal);
-  const auto acc = acc_type(q_in.scalar_type());
-  const at::Tensor q = q_in.to(acc).contiguous(), k = k_in.to(acc).contiguous(), v = v_in.to(acc).contiguous();
-  const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
-  const Problem p = dense_problem(q, k, v);
-  at::Tensor out = at::empty({q.size(0), p.heads, q.size(2), p.dv}, q.options());
-  at::Tensor den = at::empty({q.size(0), p.heads, q.size(2)}, q.options());
-  run_forward(p, q, k, v, mask, out, den, causal, scale);
-  return {out.to(q_in.scalar_type()), den};
+// The ops (schemas in csrc/ops.cpp). Dense [B, H, L, *] inputs are used as they are (made contiguous in the
+// accumulation type); packed [T, H, *] ones are transposed to head-major [H, T, *] buffers (one copy each).
+
+at::ScalarType compute_type(const Problem& desc) {
+  return desc.dtype == at::kDouble || desc.state_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-std::tuple<at::Tensor, at::Tensor> taylor_varlen_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                        const at::Tensor& v_in, const at::Tensor& cu_q,
-                                                        const at::Tensor& cu_k, bool causal, double scale) {
-  check_packed_qkv(q_in, k_in, v_in);
-  const Problem p = packed_problem(q_in, k_in, v_in, cu_q, cu_k, causal);
-  const auto acc = acc_type(q_in.scalar_type());
-  const at::Tensor q = head_major(q_in, acc), k = head_major(k_in, acc), v = head_major(v_in, acc);
-  at::Tensor out = at::empty({p.heads, q_in.size(0), p.dv}, q.options());
-  at::Tensor den = at::empty({p.heads, q_in.size(0)}, q.options());
-  run_forward(p, q, k, v, at::Tensor(), out, den, causal, scale);
-  return {token_major(out, q_in.scalar_type()), den};
+at::Tensor to_buffer(const Problem& desc, const at::Tensor& x, at::ScalarType acc) {
+  return desc.packed ? head_major(x, acc) : x.to(acc).contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q_in,
-                                                              const at::Tensor& k_in, const at::Tensor& v_in,
-                                                              const c10::optional<at::Tensor>& mask_in,
-                                                              const at::Tensor& out_in, const at::Tensor& den_in,
-                                                              bool causal, double scale) {
-  check_qkv(q_in, k_in, v_in, mask_in, causal);
-  const auto acc = acc_type(q_in.scalar_type());
+at::Tensor from_buffer(const Problem& desc, const at::Tensor& x, at::ScalarType dt) {
+  return desc.packed ? token_major(x, dt) : x.to(dt);
+}
+
+Tasks make_tasks(const Problem& desc, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const c10::optional<at::Tensor>& cu_q, const c10::optional<at::Tensor>& cu_k) {
+  return desc.packed ? packed_tasks(q, k, v, *cu_q, *cu_k, desc.causal) : dense_tasks(q, k, v);
+}
+
+// [N, Hkv, M, Dv + 1] from a state (kv, k_sum) or undefined.
+at::Tensor join_state(const c10::optional<at::Tensor>& kv, const c10::optional<at::Tensor>& k_sum, at::ScalarType acc) {
+  if (!kv.has_value()) return at::Tensor();
+  return at::cat({kv->to(acc), k_sum->to(acc).unsqueeze(-1)}, -1).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> split_state(const at::Tensor& aug, at::ScalarType dt) {
+  const int64_t dv = aug.size(-1) - 1;
+  return {aug.narrow(-1, 0, dv).to(dt).contiguous(), aug.select(-1, dv).to(dt).contiguous()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> taylor_fwd_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const c10::optional<at::Tensor>& mask_in,
+    const c10::optional<at::Tensor>& cu_q, const c10::optional<at::Tensor>& cu_k, const c10::optional<at::Tensor>& kv0,
+    const c10::optional<at::Tensor>& k_sum0, bool causal, double scale, bool return_state) {
+  const Problem desc = describe_problem(q_in, k_in, v_in, mask_in, cu_q, cu_k, kv0, k_sum0, causal, scale, kCpuLimits);
+  const Tasks tasks = make_tasks(desc, q_in, k_in, v_in, cu_q, cu_k);
+  const auto acc = compute_type(desc);
+  const at::Tensor q = to_buffer(desc, q_in, acc), k = to_buffer(desc, k_in, acc), v = to_buffer(desc, v_in, acc);
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
-  at::Tensor q = q_in.to(acc).contiguous(), k = k_in.to(acc).contiguous(), v = v_in.to(acc).contiguous();
+  const at::Tensor s0 = join_state(kv0, k_sum0, acc);
+  // head-major buffers: out [.., Lq, Dv] (dense) / [H, Tq, Dv] (packed), den [.., Lq] / [H, Tq]
+  const auto opt = q.options();
+  at::Tensor out = desc.packed ? at::empty({desc.heads, desc.lq, desc.dv}, opt) : at::empty(desc.out_shape(), opt);
+  at::Tensor den = desc.packed ? at::empty({desc.heads, desc.lq}, opt) : at::empty(desc.den_shape(), opt);
+  at::Tensor state;
+  if (return_state && causal) {
+    state = run_prefill(tasks, q, k, v, mask, s0, out, den, scale);
+  } else {
+    run_forward(tasks, q, k, v, mask, s0, out, den, causal, scale);
+    if (return_state) state = run_state(tasks, k, v, mask, s0, scale);
+  }
+  const auto den_acc = accumulate_type(desc.dtype);
+  at::Tensor den_out = (desc.packed ? den.t() : den).to(den_acc).contiguous();
+  at::Tensor kv_out = at::empty({0}, opt.dtype(desc.state_dtype)), ks_out = at::empty({0}, opt.dtype(desc.state_dtype));
+  if (state.defined()) std::tie(kv_out, ks_out) = split_state(state, desc.state_dtype);
+  return {from_buffer(desc, out, desc.dtype), den_out, kv_out, ks_out};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> taylor_bwd_cpu(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_kv, const c10::optional<at::Tensor>& grad_k_sum,
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const c10::optional<at::Tensor>& mask_in,
+    const c10::optional<at::Tensor>& cu_q, const c10::optional<at::Tensor>& cu_k, const c10::optional<at::Tensor>& kv0,
+    const c10::optional<at::Tensor>& k_sum0, const at::Tensor& out_in, const at::Tensor& den_in, bool causal,
+    double scale) {
+  const Problem desc = describe_problem(q_in, k_in, v_in, mask_in, cu_q, cu_k, kv0, k_sum0, causal, scale, kCpuLimits);
+  check_backward(desc, q_in, grad_out, out_in, den_in, grad_kv, grad_k_sum);
+  const Tasks tasks = make_tasks(desc, q_in, k_in, v_in, cu_q, cu_k);
+  const auto acc = compute_type(desc);
+  const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
+  at::Tensor q = to_buffer(desc, q_in, acc), k = to_buffer(desc, k_in, acc), v = to_buffer(desc, v_in, acc);
   if (mask.defined()) {  // padded keys hold anything (NaN, inf): zero them, so that 0 * x stays 0 below
     const at::Tensor pad = mask.view({mask.size(0), 1, mask.size(1), 1});
     k = k.masked_fill(pad, 0);
     v = v.masked_fill(pad, 0);
   }
-  const Problem p = dense_problem(q, k, v);
-  const int64_t b = q.size(0), lq = q.size(2);
-  TORCH_CHECK(grad_out.sizes() == out_in.sizes() && out_in.dim() == 4 && out_in.size(0) == b &&
-                  out_in.size(1) == p.heads && out_in.size(2) == lq && out_in.size(3) == p.dv,
-              "grad_out and out must have shape [B, H, Lq, Dv], got ", grad_out.sizes(), " and ", out_in.sizes());
-  TORCH_CHECK(den_in.dim() == 3 && den_in.size(0) == b && den_in.size(1) == p.heads && den_in.size(2) == lq,
-              "den must have shape [B, H, Lq], got ", den_in.sizes());
-  const at::Tensor g = grad_out.to(acc).contiguous(), out = out_in.to(acc).contiguous(),
-                   den = den_in.to(acc).contiguous();
+  const at::Tensor g = to_buffer(desc, grad_out, acc), out = to_buffer(desc, out_in, acc);
+  const at::Tensor den = (desc.packed ? den_in.t() : den_in).to(acc).contiguous();
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
-  run_backward(p, g, q, k, v, mask, out, den, dq, dk, dv, causal, scale);
-  // Contiguous gradients, as the CUDA kernels and the fake kernel (linattn_cuda/ops.py) give.
-  const auto dt = q_in.scalar_type();
-  return {dq.to(dt), dk.to(dt), dv.to(dt)};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_varlen_bwd_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out_in, const at::Tensor& den_in, bool causal,
-    double scale) {
-  check_packed_qkv(q_in, k_in, v_in);
-  const Problem p = packed_problem(q_in, k_in, v_in, cu_q, cu_k, causal);
-  const int64_t tq = q_in.size(0);
-  TORCH_CHECK(grad_out.sizes() == out_in.sizes() && out_in.dim() == 3 && out_in.size(0) == tq &&
-                  out_in.size(1) == p.heads && out_in.size(2) == p.dv,
-              "grad_out and out must have shape [Tq, H, Dv], got ", grad_out.sizes(), " and ", out_in.sizes());
-  TORCH_CHECK(den_in.dim() == 2 && den_in.size(0) == p.heads && den_in.size(1) == tq,
-              "den must have shape [H, Tq], got ", den_in.sizes());
-  const auto acc = acc_type(q_in.scalar_type());
-  const at::Tensor q = head_major(q_in, acc), k = head_major(k_in, acc), v = head_major(v_in, acc);
-  const at::Tensor g = head_major(grad_out, acc), out = head_major(out_in, acc), den = den_in.to(acc).contiguous();
-  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
-  run_backward(p, g, q, k, v, at::Tensor(), out, den, dq, dk, dv, causal, scale);
-  const auto dt = q_in.scalar_type();
-  return {token_major(dq, dt), token_major(dk, dt), token_major(dv, dt)};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_prefill_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                                  const at::Tensor& v_in,
-                                                                  const c10::optional<at::Tensor>& mask_in,
-                                                                  const c10::optional<at::Tensor>& kv_in,
-                                                                  const c10::optional<at::Tensor>& k_sum_in,
-                                                                  double scale) {
-  check_qkv(q_in, k_in, v_in, mask_in, true);
-  const Problem p = dense_problem(q_in, k_in, v_in);
-  at::Tensor kv0, k_sum0;
-  const at::ScalarType acc = prefill_state(kv_in, k_sum_in, p, q_in.scalar_type(), &kv0, &k_sum0);
-  const at::Tensor q = q_in.to(acc).contiguous(), k = k_in.to(acc).contiguous(), v = v_in.to(acc).contiguous();
-  const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({q.size(0), p.heads, q.size(2), p.dv}, q.options());
-  auto [kv, k_sum] = run_prefill(p, q, k, v, mask, kv0, k_sum0, out, scale);
-  return {out.to(q_in.scalar_type()), kv, k_sum};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_varlen_prefill_cpu(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& cu_q,
-    const at::Tensor& cu_k, const c10::optional<at::Tensor>& kv_in, const c10::optional<at::Tensor>& k_sum_in,
-    double scale) {
-  check_packed_qkv(q_in, k_in, v_in);
-  const Problem p = packed_problem(q_in, k_in, v_in, cu_q, cu_k, true);
-  at::Tensor kv0, k_sum0;
-  const at::ScalarType acc = prefill_state(kv_in, k_sum_in, p, q_in.scalar_type(), &kv0, &k_sum0);
-  const at::Tensor q = head_major(q_in, acc), k = head_major(k_in, acc), v = head_major(v_in, acc);
-  at::Tensor out = at::zeros({p.heads, q_in.size(0), p.dv}, q.options());
-  auto [kv, k_sum] = run_prefill(p, q, k, v, at::Tensor(), kv0, k_sum0, out, scale);
-  return {token_major(out, q_in.scalar_type()), kv, k_sum};
+  run_backward(tasks, g, q, k, v, mask, out, den, dq, dk, dv, causal, scale);
+  const at::Tensor s0 = join_state(kv0, k_sum0, acc), dsf = join_state(grad_kv, grad_k_sum, acc);
+  at::Tensor ds0;
+  if (s0.defined() || dsf.defined())
+    ds0 = run_state_backward(tasks, g, q, k, v, mask, out, den, s0, dsf, dq, dk, dv, scale);
+  // Contiguous gradients, as the CUDA kernels and the fake kernel (linattn_cuda/ops/taylor/registration.py) give.
+  const auto dt = desc.dtype;
+  at::Tensor dkv0 = at::empty({0}, q.options().dtype(desc.state_dtype)), dks0 = at::empty_like(dkv0);  // no aliasing
+  if (ds0.defined()) std::tie(dkv0, dks0) = split_state(ds0, desc.state_dtype);
+  return {from_buffer(desc, dq, dt), from_buffer(desc, dk, dt), from_buffer(desc, dv, dt), dkv0, dks0};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_step_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                                const at::Tensor& v_in, const at::Tensor& kv_in,
                                                                const at::Tensor& k_sum_in, double scale) {
-  TORCH_CHECK(q_in.dim() == 3 && k_in.dim() == 3 && v_in.dim() == 3,
-              "q must have shape [B, H, D], k [B, Hkv, D] and v [B, Hkv, Dv], got ", q_in.sizes(), ", ", k_in.sizes(),
-              ", ", v_in.sizes());
-  TORCH_CHECK(k_in.size(0) == q_in.size(0) && v_in.size(0) == q_in.size(0),
-              "k and v must have the batch size of q (", q_in.size(0), ")");
-  check_common(q_in, k_in, v_in, 1);
-  const int64_t b = q_in.size(0), h = q_in.size(1), hk = k_in.size(1), d = q_in.size(2), dv = v_in.size(2);
-  const int64_t m = 1 + d + d * (d + 1) / 2, group = hk > 0 ? h / hk : 1;
-  check_state(kv_in, k_sum_in, b, hk, m, dv);
+  const Problem desc = describe_step(q_in, k_in, v_in, kv_in, k_sum_in, scale, kCpuLimits);
+  const int64_t b = desc.seqs, h = desc.heads, hk = desc.kv_heads, d = desc.d, dv = desc.dv;
+  const int64_t m = desc.features(), group = desc.group();
   const auto acc = kv_in.scalar_type();
   const at::Tensor q = q_in.to(acc).contiguous(), k = k_in.to(acc).contiguous(), v = v_in.to(acc).contiguous();
   const at::Tensor kv = kv_in.contiguous(), k_sum = k_sum_in.contiguous();
@@ -752,14 +820,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> taylor_step_cpu(const at::Tensor&
 }  // namespace cpu
 
 TORCH_LIBRARY_IMPL(linattn_cuda, CPU, m) {
-  using namespace cpu;
-  m.impl("taylor_fwd", &taylor_fwd_cpu);
-  m.impl("taylor_bwd", &taylor_bwd_cpu);
-  m.impl("taylor_prefill", &taylor_prefill_cpu);
-  m.impl("taylor_step", &taylor_step_cpu);
-  m.impl("taylor_varlen_fwd", &taylor_varlen_fwd_cpu);
-  m.impl("taylor_varlen_bwd", &taylor_varlen_bwd_cpu);
-  m.impl("taylor_varlen_prefill", &taylor_varlen_prefill_cpu);
+  m.impl("taylor_fwd", &cpu::taylor_fwd_cpu);
+  m.impl("taylor_bwd", &cpu::taylor_bwd_cpu);
+  m.impl("taylor_step", &cpu::taylor_step_cpu);
 }
 
 }  // namespace linattn_cuda

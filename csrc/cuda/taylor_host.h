@@ -24,6 +24,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include "../include/problem.h"
 #include "common.cuh"
 
 namespace linattn {
@@ -541,10 +542,12 @@ inline std::tuple<Tensor, Tensor, Tensor> taylor_bwd(const Tensor& grad_out_in, 
   return {dq, dk, dv};
 }
 
+// den_out: when given, receives the normalizer (the initial state's part included).
 inline std::tuple<Tensor, Tensor, Tensor> taylor_prefill(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                                          const std::optional<Tensor>& mask_in,
                                                          const std::optional<Tensor>& kv_in,
-                                                         const std::optional<Tensor>& k_sum_in, double scale) {
+                                                         const std::optional<Tensor>& k_sum_in, double scale,
+                                                         Tensor* den_out = nullptr) {
   const Dims d = check_attention(q_in, k_in, v_in, mask_in, /*causal=*/true, scale);
   TORCH_CHECK(kv_in.has_value() == k_sum_in.has_value(),
               "kv and k_sum must be given together (the state of a preceding prefix) or both be None");
@@ -576,7 +579,7 @@ inline std::tuple<Tensor, Tensor, Tensor> taylor_prefill(const Tensor& q_in, con
     } else {
       AttnParams p = attn_params(q, k, v, mask, d, /*causal=*/true, scale);
       p.out = out.data_ptr();
-      p.den = nullptr;
+      p.den = den_out != nullptr ? den_out->data_ptr() : nullptr;
       p.kv0 = kv0.defined() ? kv0.data_ptr() : nullptr;
       p.ks0 = ks0.defined() ? ks0.data_ptr() : nullptr;
       p.kv_out = kv_out.data_ptr();
@@ -648,6 +651,60 @@ inline std::tuple<Tensor, Tensor, Tensor> taylor_step(const Tensor& q_in, const 
   launch_step(dtype_of(q), kv.scalar_type() == at::kDouble ? DType::F64 : DType::F32, p, device_info(q),
               current_stream(q));
   return {out, kv_out, ks_out};
+}
+
+// ------------------------------------------------------------------------------------------ the op family
+// taylor_fwd / taylor_bwd of csrc/ops.cpp on top of the functions above. The kernels take dense multi-head problems
+// (causal: Lq == Lk), an initial state and the final state in causal calls, and no gradient through a state; the
+// other features of the problem description (packed sequences, grouped-query heads, end-aligned causal) raise
+// NotImplementedError until the kernels read them (issue 18).
+using linattn_cuda::Problem;
+
+inline void require_supported(const Problem& p) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!p.packed, "the CUDA kernels do not take packed variable-length sequences yet");
+  TORCH_CHECK_NOT_IMPLEMENTED(p.kv_heads == p.heads,
+                              "the CUDA kernels do not take grouped-query attention (Hkv < H) yet");
+  TORCH_CHECK_NOT_IMPLEMENTED(!p.causal || p.lq == p.lk,
+                              "the CUDA kernels do not take causal attention with Lq < Lk (end-aligned) yet");
+}
+
+inline std::tuple<Tensor, Tensor, Tensor, Tensor> op_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                               const std::optional<Tensor>& mask, const std::optional<Tensor>& cu_q,
+                                               const std::optional<Tensor>& cu_k, const std::optional<Tensor>& kv0,
+                                               const std::optional<Tensor>& k_sum0, bool causal, double scale,
+                                               bool return_state) {
+  const Problem p = linattn_cuda::describe_problem(q, k, v, mask, cu_q, cu_k, kv0, k_sum0, causal, scale,
+                                                   linattn_cuda::kCudaLimits);
+  require_supported(p);
+  if (!return_state && !p.has_state) {
+    auto [out, den] = taylor_fwd(q, k, v, mask, causal, scale);
+    const auto none = q.options().dtype(p.state_dtype);  // two distinct empty tensors: outputs never alias
+    return {out, den, at::empty({0}, none), at::empty({0}, none)};
+  }
+  TORCH_CHECK_NOT_IMPLEMENTED(causal, "the CUDA kernels take a decoding state in causal calls only");
+  Tensor den = new_buffer({p.seqs, p.heads, p.lq}, q.options().dtype(linattn_cuda::accumulate_type(p.dtype)));
+  auto [out, kv, k_sum] = taylor_prefill(q, k, v, mask, kv0, k_sum0, scale, &den);
+  if (!return_state) {
+    kv = at::empty({0}, kv.options());
+    k_sum = at::empty({0}, k_sum.options());
+  }
+  return {out, den, kv, k_sum};
+}
+
+inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> op_bwd(
+    const Tensor& grad_out, const std::optional<Tensor>& grad_kv, const std::optional<Tensor>& grad_k_sum,
+    const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask,
+    const std::optional<Tensor>& cu_q, const std::optional<Tensor>& cu_k, const std::optional<Tensor>& kv0,
+    const std::optional<Tensor>& k_sum0, const Tensor& out, const Tensor& den, bool causal, double scale) {
+  const Problem p = linattn_cuda::describe_problem(q, k, v, mask, cu_q, cu_k, kv0, k_sum0, causal, scale,
+                                                   linattn_cuda::kCudaLimits);
+  linattn_cuda::check_backward(p, q, grad_out, out, den, grad_kv, grad_k_sum);
+  require_supported(p);
+  TORCH_CHECK_NOT_IMPLEMENTED(!p.has_state && !grad_kv.has_value(),
+                              "the CUDA kernels have no backward through a decoding state yet");
+  auto [dq, dk, dv] = taylor_bwd(grad_out, q, k, v, mask, out, den, causal, scale);
+  const auto none = q.options().dtype(p.state_dtype);  // two distinct empty tensors: outputs never alias
+  return {dq, dk, dv, at::empty({0}, none), at::empty({0}, none)};
 }
 
 }  // namespace linattn

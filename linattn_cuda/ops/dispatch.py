@@ -1,29 +1,41 @@
-"""Backend registry: every way of computing Taylor attention behind one small interface.
+"""Backend registry and the ``auto`` rule: which implementation computes a :class:`~.problem.TaylorProblem`.
 
 A backend implements
-    unavailable_reason(device) -> str | None   (None when usable on that device)
-    attention(q, k, v, causal, scale, key_padding_mask) -> out          (differentiable)
-    prefill(q, k, v, scale, key_padding_mask, initial_state) -> (out, TaylorState)   (causal)
-    step(q, k, v, state, scale) -> (out, TaylorState)                   (q, k [B,H,D], v [B,H,Dv])
-and, when its ``features`` include "varlen",
-    varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale) -> out  (packed [T, H, *]; differentiable)
-    prefill_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, initial_state) -> (out, TaylorState [N, ...])
-``features`` (a frozenset, empty when absent) names what a backend takes beyond the basic [B, H, L, *] problem:
-    "gqa"         k and v with fewer heads than q (grouped-query attention),
-    "causal_lq_lt_lk"  causal attention with fewer queries than keys (end-aligned),
-    "varlen"      packed variable-length sequences.
-"auto" picks only backends that have every feature a call needs; an explicit backend without one raises an
-error naming the feature. Inputs reaching a backend are already checked (linattn_cuda._checks) and non-empty.
+    unavailable_reason(device) -> str | None          (None when usable for tensors on that device)
+    cannot_serve(problem) -> str | None               (None when its kernels compute this problem)
+    forward(problem, q, k, v) -> (out, state | None)  (differentiable in q, k, v and the initial state)
+    step(problem, q, k, v, state) -> (out, state)
 Backends register a factory so that heavy imports (Triton) happen on first use only.
+
+``auto``: the fastest backend that serves the problem. On a GPU it never falls back to the pure-PyTorch reference:
+a call no fused kernel serves raises an error naming what is missing. On a CPU the reference serves what the C++
+kernels cannot (no extension built, D > 256), with a warning the first time.
+
+The order on CUDA tensors, from the H200 measurements in bench/results/gpu/triton_gpu_bench.md (bf16, B=16, H=16,
+D=16, Dv=64): forward only (inference, prefill): the CUDA kernels (causal L=8192: 2.40 ms vs Triton 6.2 ms);
+forward + backward: Triton (causal L=8192: 17.8 ms vs CUDA 20.8 ms; non-causal 12.3 vs 18.4); decode step: Triton
+(B*H=4096: 0.095 ms vs CUDA 0.160 ms); float64: the CUDA kernels (Triton takes fp16/bf16/fp32 only).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict
 
 import torch
 
+__all__ = [
+    "register_backend",
+    "backend_names",
+    "get_backend",
+    "unavailable_reason",
+    "available_backends",
+    "choose_backend",
+    "resolve_backend",
+]
+
 _FACTORIES: Dict[str, Callable[[], object]] = {}
 _INSTANCES: Dict[str, object] = {}
+_WARNED: set = set()
 
 
 def register_backend(name: str, factory: Callable[[], object]) -> None:
@@ -43,12 +55,12 @@ def get_backend(name: str):
     return _INSTANCES[name]
 
 
-def unavailable_reason(name: str, device: torch.device) -> str | None:
+def unavailable_reason(name: str, device) -> str | None:
     try:
         backend = get_backend(name)
     except ImportError as exc:  # e.g. Triton not installed
         return f"import failed: {exc}"
-    return backend.unavailable_reason(device)
+    return backend.unavailable_reason(torch.device(device))
 
 
 def available_backends(device="cpu") -> list[str]:
@@ -57,89 +69,71 @@ def available_backends(device="cpu") -> list[str]:
     return [name for name in backend_names() if unavailable_reason(name, device) is None]
 
 
-FEATURE_NAMES = {
-    "gqa": "grouped-query attention (k and v with fewer heads than q)",
-    "causal_lq_lt_lk": "causal attention with fewer queries than keys (Lq < Lk, end-aligned)",
-    "varlen": "packed variable-length sequences (varlen)",
-}
+def _fused_order(p) -> tuple:
+    if p.device.type == "cuda":
+        if p.dtype == torch.float64:
+            return ("cuda",)
+        if p.kind == "step" or p.needs_grad:
+            return ("triton", "cuda")
+        return ("cuda", "triton")
+    return ("cpu",) if p.device.type == "cpu" else ()
 
 
-def backend_features(name: str) -> frozenset:
-    """What backend ``name`` takes beyond the basic problem (see the module docstring)."""
-    try:
-        return frozenset(getattr(get_backend(name), "features", ()))
-    except ImportError:
-        return frozenset()
+def _reasons(names, p) -> dict:
+    out = {}
+    for name in names:
+        reason = unavailable_reason(name, p.device)
+        out[name] = reason if reason is not None else get_backend(name).cannot_serve(p)
+    return out
 
 
-def call_features(q, k, *, causal: bool, varlen: bool = False) -> frozenset:
-    """The features a call with these q and k needs (dense [B, H, L, D] or, ``varlen``, packed [T, H, D])."""
-    needs = set()
-    if k.shape[1] != q.shape[1]:  # heads: dim 1 of [B, H, L, D] and of [T, H, D]
-        needs.add("gqa")
-    if varlen:
-        needs.add("varlen")
-    elif causal and q.shape[2] != k.shape[2]:
-        needs.add("causal_lq_lt_lk")
-    return frozenset(needs)
+def choose_backend(p) -> str:
+    """The name of the backend ``auto`` picks for the problem ``p`` (see the module docstring)."""
+    order = _fused_order(p)
+    reasons = _reasons(order, p)
+    for name in order:
+        if reasons[name] is None:
+            return name
+    why = "; ".join(f"{name}: {reason}" for name, reason in reasons.items()) or f"no fused kernels for {p.device.type}"
+    if p.device.type == "cpu":
+        key = ("cpu-reference", why)
+        if key not in _WARNED:
+            _WARNED.add(key)
+            warnings.warn(f"linattn_cuda: the C++ CPU kernels cannot take this call ({why}); running the pure-PyTorch "
+                          "reference instead (slower, more memory)", RuntimeWarning, stacklevel=4)
+        return "reference"
+    raise NotImplementedError(
+        f"no fused kernel computes this call on {p.device.type} ({p.describe()}): {why}. "
+        "Pass backend='reference' to run the pure-PyTorch reference (quadratic memory for short sequences)."
+    )
 
 
-def resolve_backend(name: str, q: torch.Tensor, *, causal: bool, kind: str = "attention", training: bool = False,
-                    needs: frozenset = frozenset()):
-    """The backend object for ``name`` ("auto" picks per device and shape among the backends that have the
-    ``needs`` features); errors list what is available."""
+def resolve_backend(name: str, p):
+    """The backend object for ``name`` ("auto": :func:`choose_backend`); an explicit backend that is unavailable or
+    cannot serve the problem raises an error that says why and which backends can."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
     if name == "auto":
-        name = choose_backend(q, causal=causal, kind=kind, training=training, needs=needs)
+        return get_backend(choose_backend(p))
     if name not in _FACTORIES:
         raise ValueError(
             f"unknown backend {name!r}; known backends: {backend_names()}, "
-            f"available for {q.device.type} tensors: {available_backends(q.device)} (or 'auto')"
+            f"available for {p.device.type} tensors: {available_backends(p.device)} (or 'auto')"
         )
-    reason = unavailable_reason(name, q.device)
+    reason = unavailable_reason(name, p.device)
     if reason is not None:
         raise ValueError(
-            f"backend {name!r} is not available for {q.device.type} tensors ({reason}); "
-            f"available: {available_backends(q.device)} (or 'auto')"
+            f"backend {name!r} is not available for {p.device.type} tensors ({reason}); "
+            f"available: {available_backends(p.device)} (or 'auto')"
         )
-    missing = sorted(set(needs) - backend_features(name))
-    if missing:
-        able = [n for n in available_backends(q.device) if set(needs) <= backend_features(n)]
+    reason = get_backend(name).cannot_serve(p)
+    if reason is not None:
+        able = [n for n in available_backends(p.device) if get_backend(n).cannot_serve(p) is None]
         raise NotImplementedError(
-            f"backend {name!r} does not support {' and '.join(FEATURE_NAMES[f] for f in missing)} yet; "
-            f"backends that do for {q.device.type} tensors: {able} (or backend='auto')"
+            f"backend {name!r} cannot compute this call ({p.describe()}): {reason}; "
+            f"backends that can for {p.device.type} tensors: {able} (or backend='auto')"
         )
     return get_backend(name)
-
-
-# ----------------------------------------------------------------------------------------------------
-# `backend="auto"`:``backend="auto"``: the fastest available backend for the tensors' device, dtype and use.
-# 
-# CPU: the C++ kernels when the extension is built, else the reference.
-# CUDA, from the H200 measurements in bench/results/gpu/triton_gpu_bench.md (bf16, B=16, H=16, D=16, Dv=64):
-#   * forward only (inference, prefill): the CUDA kernels (causal L=8192: 2.40 ms vs Triton 6.2 ms);
-#   * forward + backward (inputs need grad): Triton (causal L=8192: 17.8 ms vs CUDA 20.8 ms; non-causal 12.3 vs 18.4);
-#   * decode step: Triton (B*H=4096: 0.095 ms vs CUDA 0.160 ms);
-#   * float64: the CUDA kernels (Triton takes fp16/bf16/fp32 only), else the reference.
-
-def choose_backend(q: torch.Tensor, *, causal: bool, kind: str = "attention", training: bool = False,
-                   needs: frozenset = frozenset()) -> str:
-    """The first available backend of the rule below that has every feature in ``needs`` (grouped-query
-    attention, end-aligned causal with Lq < Lk, varlen: today the cpu kernels and the reference)."""
-    if q.device.type == "cuda":
-        if q.dtype == torch.float64:
-            order = ("cuda", "reference")
-        elif kind == "step" or (kind == "attention" and training):
-            order = ("triton", "cuda", "reference")
-        else:
-            order = ("cuda", "triton", "reference")
-    else:
-        order = ("cpu", "reference")
-    for name in order:
-        if unavailable_reason(name, q.device) is None and set(needs) <= backend_features(name):
-            return name
-    return "reference"
 
 
 def _reference():

@@ -11,9 +11,8 @@
 #include "../taylor_host.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("taylor_fwd", &linattn::taylor_fwd);
-  m.def("taylor_bwd", &linattn::taylor_bwd);
-  m.def("taylor_prefill", &linattn::taylor_prefill);
+  m.def("taylor_fwd", &linattn::op_fwd);
+  m.def("taylor_bwd", &linattn::op_bwd);
   m.def("taylor_step", &linattn::taylor_step);
   m.def("feature_pair", [](int m, int D) {
     const linattn::FeaturePair f = linattn::feature_pair(m, D, D);

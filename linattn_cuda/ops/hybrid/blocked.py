@@ -34,10 +34,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..problem import check_attention_inputs
+from ..problem import attention_problem
 from ...api import taylor_attention
 from ...feature_map import resolve_scale
-from ..taylor.naive import accumulate_dtype, repeat_kv, zero_padded_keys
+from ..taylor.naive import repeat_kv, zero_padded_keys
+from ..taylor.state import accumulate_dtype
 
 __all__ = ["hybrid_attention", "hybrid_attention_reference", "check_window"]
 
@@ -176,7 +177,7 @@ def hybrid_attention(
     H % Hkv == 0 (query head h reads key/value head h // (H // Hkv), as in SDPA), read in place.
     ``backend`` is the Taylor part's (:func:`linattn_cuda.taylor_attention`).
     """
-    check_attention_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, enable_gqa=enable_gqa)
+    attention_problem(q, k, v, causal=causal, key_padding_mask=key_padding_mask, enable_gqa=enable_gqa)  # checks
     check_window(window)
     check_far_weight(far_weight, q.shape[1])
     if q.shape[-2] != k.shape[-2]:

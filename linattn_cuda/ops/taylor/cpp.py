@@ -1,15 +1,17 @@
-"""The compiled backends: ``cpu`` (csrc/cpu) and ``cuda`` (csrc/cuda), both through torch.ops.linattn_cuda."""
+"""The compiled backends ``cpu`` (csrc/cpu) and ``cuda`` (csrc/cuda): the op family ``torch.ops.linattn_cuda.taylor_*``
+(schemas in csrc/ops.cpp, autograd and fake kernels in ``registration``)."""
 from __future__ import annotations
 
 import torch
 
 from . import registration  # noqa: F401  (registers fake kernels and autograd)
-from ..problem import check_fused_limits
-from ..._extension import REBUILD_HINT, EXTENSION_ERROR, extension_loaded, has_kernel
-from .naive import TaylorState
+from ..._extension import EXTENSION_ERROR, REBUILD_HINT, extension_loaded, has_kernel
+from ..problem import limit_violation
+from .state import TaylorState
 
-MAX_HEAD_DIM = 128
-MAX_VALUE_DIM = 256
+
+def _state_args(state):
+    return (None, None) if state is None else (state.kv, state.k_sum)
 
 
 class ExtensionBackend:
@@ -17,8 +19,6 @@ class ExtensionBackend:
         self.name = device_type
         self.device_type = device_type
         self.dispatch_key = device_type.upper()
-        # csrc/cpu has grouped-query attention, end-aligned causal and varlen; csrc/cuda not yet (it checks).
-        self.features = frozenset({"gqa", "causal_lq_lt_lk", "varlen"}) if device_type == "cpu" else frozenset()
 
     def unavailable_reason(self, device):
         device = torch.device(device)
@@ -33,31 +33,33 @@ class ExtensionBackend:
             )
         return None
 
-    def attention(self, q, k, v, causal, scale, key_padding_mask):
-        check_fused_limits(self.name, q, v, MAX_HEAD_DIM, MAX_VALUE_DIM)
-        out, _ = torch.ops.linattn_cuda.taylor_fwd(q, k, v, key_padding_mask, causal, scale)
-        return out
+    def cannot_serve(self, p):
+        """Why this backend's kernels cannot compute the problem ``p`` (None when they can)."""
+        reason = limit_violation(self.name, p)
+        if reason is not None or self.name == "cpu":
+            return reason
+        # csrc/cuda: dense multi-head problems (Lq == Lk when causal); the rest is being ported (issue 18).
+        if p.packed:
+            return "the cuda kernels do not take packed variable-length sequences yet"
+        if p.kv_heads != p.heads:
+            return "the cuda kernels do not take grouped-query attention (Hkv < H) yet"
+        if p.causal and p.len_q != p.len_k:
+            return "the cuda kernels do not take causal attention with Lq < Lk (end-aligned) yet"
+        if p.initial_state is not None and not p.causal:
+            return "the cuda kernels take an initial state in causal calls only"
+        if p.return_state and not p.causal:
+            return "the cuda kernels return the final state of causal calls only"
+        if p.needs_grad and (p.initial_state is not None or p.return_state):
+            return "the cuda kernels have no backward through a decoding state yet"
+        return None
 
-    def prefill(self, q, k, v, scale, key_padding_mask, initial_state):
-        check_fused_limits(self.name, q, v, MAX_HEAD_DIM, MAX_VALUE_DIM)
-        kv, k_sum = (None, None) if initial_state is None else initial_state
-        out, kv, k_sum = torch.ops.linattn_cuda.taylor_prefill(q, k, v, key_padding_mask, kv, k_sum, scale)
-        return out, TaylorState(kv, k_sum)
-
-    def step(self, q, k, v, state, scale):
-        check_fused_limits(self.name, q, v, MAX_HEAD_DIM, MAX_VALUE_DIM)
-        out, kv, k_sum = torch.ops.linattn_cuda.taylor_step(q, k, v, state.kv, state.k_sum, scale)
-        return out, TaylorState(kv, k_sum)
-
-    def varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale):
-        check_fused_limits(self.name, q, v, MAX_HEAD_DIM, MAX_VALUE_DIM)
-        out, _ = torch.ops.linattn_cuda.taylor_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
-        return out
-
-    def prefill_varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, initial_state):
-        check_fused_limits(self.name, q, v, MAX_HEAD_DIM, MAX_VALUE_DIM)
-        kv, k_sum = (None, None) if initial_state is None else initial_state
-        out, kv, k_sum = torch.ops.linattn_cuda.taylor_varlen_prefill(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, kv, k_sum, scale
+    def forward(self, p, q, k, v):
+        kv0, ks0 = _state_args(p.initial_state)
+        out, _, kv, k_sum = torch.ops.linattn_cuda.taylor_fwd(
+            q, k, v, p.key_padding_mask, p.cu_seqlens_q, p.cu_seqlens_k, kv0, ks0, p.causal, p.scale, p.return_state
         )
+        return out, (TaylorState(kv, k_sum) if p.return_state else None)
+
+    def step(self, p, q, k, v, state):
+        out, kv, k_sum = torch.ops.linattn_cuda.taylor_step(q, k, v, state.kv, state.k_sum, p.scale)
         return out, TaylorState(kv, k_sum)

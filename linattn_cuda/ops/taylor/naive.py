@@ -1,6 +1,8 @@
-"""Pure-PyTorch Taylor attention: the ground truth every fast backend is tested against, and the fallback.
+"""Pure-PyTorch Taylor attention: the ground truth every fast backend is tested against.
 
-All forms compute the same function (SPEC section 1) and are differentiable with plain autograd:
+``taylor_attention_naive`` is the definition with every feature (grouped-query heads, end-aligned causal, key
+padding, an initial state seen by every query, the final state): the quadratic form plus the state terms, dense.
+The other forms compute the same function (SPEC section 1) and are differentiable with plain autograd:
 
 * ``quadratic``  -- w = 1 + s + s^2/2 materialized as an Lq x Lk matrix (O(L^2) memory).
 * ``linear``     -- phi(q)^T (sum phi(k) v^T) / phi(q)^T (sum phi(k)), causal via prefix sums (O(L M Dv) memory).
@@ -14,17 +16,22 @@ Grouped-query attention: k and v may have Hkv heads with H % Hkv == 0 (query hea
 h // (H // Hkv)); the reference repeats them (the fused kernels do not). Causal attention with Lq < Lk is
 end-aligned: query i sees the keys j <= i + Lk - Lq. States always have the key/value heads.
 The ``*_varlen`` functions take packed sequences ([T, H, D] with int32 cu_seqlens) and loop over them.
+This module imports nothing of the package but the feature map: the dispatch layer builds on it, not the reverse.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
 from ...feature_map import taylor_feature_map
+from .state import TaylorState, accumulate_dtype, empty_state
 
 __all__ = [
     "TaylorState",
+    "taylor_attention_naive",
+    "state_of_keys",
+    "read_state",
     "accumulate_dtype",
     "taylor_attention_quadratic",
     "taylor_attention_linear",
@@ -37,33 +44,6 @@ __all__ = [
     "taylor_attention_varlen_reference",
     "taylor_attention_prefill_varlen_reference",
 ]
-
-
-class TaylorState(NamedTuple):
-    """Recurrent decoding state of one causal Taylor attention layer (symmetric feature map).
-
-    kv:    [B, H, M, Dv]  sum_j phi(k_j) v_j^T
-    k_sum: [B, H, M]      sum_j phi(k_j)
-    Both float32 (float64 when the inputs are float64).
-    """
-
-    kv: torch.Tensor
-    k_sum: torch.Tensor
-
-
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def empty_state(batch: int, heads: int, head_dim: int, value_dim: int, *, dtype=torch.float32, device=None) -> TaylorState:
-    """The state of an empty prefix (all zeros)."""
-    from ...feature_map import feature_dim
-
-    m = feature_dim(head_dim)
-    return TaylorState(
-        torch.zeros(batch, heads, m, value_dim, dtype=dtype, device=device),
-        torch.zeros(batch, heads, m, dtype=dtype, device=device),
-    )
 
 
 def _safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -95,26 +75,81 @@ def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if hk == heads else x.repeat_interleave(heads // hk, dim=1)
 
 
-def taylor_attention_quadratic(q, k, v, *, causal=False, scale=None, key_padding_mask=None):
-    """Taylor attention in the quadratic form: out_i = sum_j w_ij v_j / sum_j w_ij."""
+def read_state(q, state: "TaylorState", scale=None):
+    """The numerator ``phi(q)^T kv`` and normalizer ``phi(q)^T k_sum`` every query gets from a state (GQA: the state
+    has the key/value heads), in the state's dtype: ``([B, H, Lq, Dv], [B, H, Lq])``."""
+    acc = state.kv.dtype
+    fq = taylor_feature_map(q.to(acc), scale)
+    kv, ksum = repeat_kv(state.kv, q.shape[1]), repeat_kv(state.k_sum, q.shape[1])
+    return torch.matmul(fq, kv), torch.einsum("bhlm,bhm->bhl", fq, ksum)
+
+
+def state_of_keys(k, v, *, scale=None, key_padding_mask=None, initial_state=None, dtype=None) -> "TaylorState":
+    """The state after every (unpadded) key: ``initial_state`` (or zeros) plus ``sum_j phi(k_j) [v_j^T, 1]``."""
+    acc = dtype or (initial_state.kv.dtype if initial_state is not None else accumulate_dtype(k.dtype))
+    k, v = zero_padded_keys(k.to(acc), v.to(acc), key_padding_mask)
+    fk = taylor_feature_map(k, scale)
+    keep = _key_keep(key_padding_mask, acc)
+    if keep is not None:
+        fk = fk * keep[:, None, :, None]
+    kv, ksum = torch.matmul(fk.transpose(-1, -2), v), fk.sum(-2)
+    if initial_state is not None:
+        kv, ksum = kv + initial_state.kv.to(acc), ksum + initial_state.k_sum.to(acc)
+    return TaylorState(kv, ksum)
+
+
+def taylor_attention_naive(q, k, v, *, causal=False, scale=None, key_padding_mask=None, initial_state=None,
+                           return_state=False):
+    """The definition (dense ``[B, H, L, *]``, quadratic form): ``(out, state)``, ``state`` None unless
+    ``return_state``. Every query sees ``initial_state`` (the state of keys before the first one) plus its visible
+    unpadded keys; the returned state is the initial one plus every unpadded key. Computed in float32 (float64 for
+    float64 inputs or states); ``out`` in q's dtype, the state in the initial state's dtype (else the accumulation
+    dtype)."""
     out_dtype = q.dtype
     acc = accumulate_dtype(q.dtype)
-    q, k, v = q.to(acc), k.to(acc), v.to(acc)
-    k, v = zero_padded_keys(k, v, key_padding_mask)
-    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+    if initial_state is not None and initial_state.kv.dtype == torch.float64:
+        acc = torch.float64
     d = q.shape[-1]
     scale = (1.0 / d**0.5) if scale is None else scale
+    num, den = _quadratic_parts(q.to(acc), k.to(acc), v.to(acc), causal=causal, scale=scale,
+                                key_padding_mask=key_padding_mask)
+    if initial_state is not None:
+        init = TaylorState(initial_state.kv.to(acc), initial_state.k_sum.to(acc))
+        num0, den0 = read_state(q, init, scale)
+        num, den = num + num0, den + den0
+    out = _safe_divide(num, den).to(out_dtype)
+    if not return_state:
+        return out, None
+    state = state_of_keys(k, v, scale=scale, key_padding_mask=key_padding_mask, initial_state=initial_state, dtype=acc)
+    if initial_state is not None:
+        state = TaylorState(state.kv.to(initial_state.kv.dtype), state.k_sum.to(initial_state.kv.dtype))
+    return out, state
+
+
+def _quadratic_parts(q, k, v, *, causal, scale, key_padding_mask):
+    """Numerator [B, H, Lq, Dv] and normalizer [B, H, Lq] of the quadratic form (inputs in the accumulation dtype)."""
+    k, v = zero_padded_keys(k, v, key_padding_mask)
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     w = 1.0 + s + 0.5 * s * s
     if causal:  # end-aligned: query i sees the keys j <= i + Lk - Lq
         lq, lk = q.shape[-2], k.shape[-2]
         visible = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
-        w = w * visible.to(acc)
-    keep = _key_keep(key_padding_mask, acc)
+        w = w * visible.to(q.dtype)
+    keep = _key_keep(key_padding_mask, q.dtype)
     if keep is not None:
         w = w * keep[:, None, None, :]
-    num = torch.matmul(w, v)
-    den = w.sum(-1)
+    return torch.matmul(w, v), w.sum(-1)
+
+
+def taylor_attention_quadratic(q, k, v, *, causal=False, scale=None, key_padding_mask=None):
+    """Taylor attention in the quadratic form: out_i = sum_j w_ij v_j / sum_j w_ij."""
+    out_dtype = q.dtype
+    acc = accumulate_dtype(q.dtype)
+    d = q.shape[-1]
+    scale = (1.0 / d**0.5) if scale is None else scale
+    num, den = _quadratic_parts(q.to(acc), k.to(acc), v.to(acc), causal=causal, scale=scale,
+                                key_padding_mask=key_padding_mask)
     return _safe_divide(num, den).to(out_dtype)
 
 
@@ -245,14 +280,10 @@ def _sequences(x: torch.Tensor, cu: torch.Tensor):
 
 
 def taylor_attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None):
-    """Packed sequences (q [Tq, H, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv]), one dense call per sequence."""
-    from .reference import ReferenceBackend
-
-    d = q.shape[-1]
-    scale = (1.0 / d**0.5) if scale is None else scale
+    """Packed sequences (q [Tq, H, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv]), the definition per sequence."""
     outs = []
     for qs, ks, vs in zip(_sequences(q, cu_seqlens_q), _sequences(k, cu_seqlens_k), _sequences(v, cu_seqlens_k)):
-        out = ReferenceBackend().attention(qs, ks, vs, causal, scale, None)
+        out, _ = taylor_attention_naive(qs, ks, vs, causal=causal, scale=scale)
         outs.append(out[0].transpose(0, 1))
     if not outs:
         return q.new_zeros(0, q.shape[1], v.shape[-1])

@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from ...problem import check_fused_limits
-from ..naive import TaylorState
+from ...problem import limit_violation
+from ..state import TaylorState
 
-__all__ = ["TritonBackend", "choose_form", "MAX_HEAD_DIM", "MAX_VALUE_DIM"]
-
-MAX_HEAD_DIM = 128
-MAX_VALUE_DIM = 256
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+__all__ = ["TritonBackend", "choose_form"]
 
 # Form rule (see choose_form). First guesses from FLOP counts, to be retuned from GPU measurements
 # (bench/triton_gpu_bench.py prints both forms side by side).
@@ -47,18 +43,6 @@ def choose_form(lq: int, lk: int, d: int, dv: int, causal: bool) -> str:
     return "chunk" if effective >= CHUNK_MIN_LEN_NONCAUSAL else "parallel"
 
 
-def _check_dtype(q: torch.Tensor, state=None) -> None:
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"backend 'triton' supports float16, bfloat16 and float32 inputs, got {q.dtype}; "
-            "use backend='reference' (or 'cpu') for float64"
-        )
-    if state is not None:
-        for name, x in zip(("kv", "k_sum"), state):
-            if x.dtype != torch.float32:
-                raise TypeError(f"backend 'triton' keeps decoding states in float32, got state.{name} of dtype {x.dtype}")
-
-
 class TritonBackend:
     name = "triton"
 
@@ -79,28 +63,42 @@ class TritonBackend:
             )
         return f"the 'triton' backend takes cuda tensors (cpu under TRITON_INTERPRET=1), got {device.type}"
 
-    def attention(self, q, k, v, causal, scale, key_padding_mask):
+    def cannot_serve(self, p):
+        """Why the Triton kernels cannot compute the problem ``p`` (None when they can)."""
+        reason = limit_violation(self.name, p)
+        if reason is not None:
+            return reason
+        if p.packed:
+            return "the triton kernels do not take packed variable-length sequences yet"
+        if p.kv_heads != p.heads:
+            return "the triton kernels do not take grouped-query attention (Hkv < H) yet"
+        if p.causal and p.len_q != p.len_k:
+            return "the triton kernels do not take causal attention with Lq < Lk (end-aligned) yet"
+        if p.initial_state is not None or p.return_state:
+            if p.kind == "step":
+                return None if p.initial_state.kv.dtype == torch.float32 else "the triton kernels keep states in float32"
+            if not p.causal:
+                return "the triton kernels take a decoding state in causal calls only"
+            if p.needs_grad:
+                return "the triton kernels have no backward through a decoding state yet"
+            if p.initial_state is not None and p.initial_state.kv.dtype != torch.float32:
+                return "the triton kernels keep states in float32"
+        return None
+
+    def forward(self, p, q, k, v):
         from . import ops  # noqa: F401  (registers torch.ops.linattn_cuda.triton_*)
 
-        _check_dtype(q)
-        check_fused_limits(self.name, q, v, MAX_HEAD_DIM, MAX_VALUE_DIM)
-        chunked = choose_form(q.shape[2], k.shape[2], q.shape[3], v.shape[3], causal) == "chunk"
-        out, _ = torch.ops.linattn_cuda.triton_fwd(q, k, v, key_padding_mask, bool(causal), float(scale), chunked)
-        return out
+        if p.return_state or p.initial_state is not None:
+            kv0, ks0 = (None, None) if p.initial_state is None else p.initial_state
+            out, kv, k_sum = torch.ops.linattn_cuda.triton_prefill(q, k, v, p.key_padding_mask, kv0, ks0,
+                                                                    float(p.scale))
+            return out, (TaylorState(kv, k_sum) if p.return_state else None)
+        chunked = choose_form(p.len_q, p.len_k, p.head_dim, p.value_dim, p.causal) == "chunk"
+        out, _ = torch.ops.linattn_cuda.triton_fwd(q, k, v, p.key_padding_mask, bool(p.causal), float(p.scale), chunked)
+        return out, None
 
-    def prefill(self, q, k, v, scale, key_padding_mask, initial_state):
+    def step(self, p, q, k, v, state):
         from . import ops  # noqa: F401
 
-        _check_dtype(q, initial_state)
-        check_fused_limits(self.name, q, v, MAX_HEAD_DIM, MAX_VALUE_DIM)
-        kv, k_sum = (None, None) if initial_state is None else initial_state
-        out, kv, k_sum = torch.ops.linattn_cuda.triton_prefill(q, k, v, key_padding_mask, kv, k_sum, float(scale))
-        return out, TaylorState(kv, k_sum)
-
-    def step(self, q, k, v, state, scale):
-        from . import ops  # noqa: F401
-
-        _check_dtype(q, state)
-        check_fused_limits(self.name, q, v, MAX_HEAD_DIM, MAX_VALUE_DIM)
-        out, kv, k_sum = torch.ops.linattn_cuda.triton_step(q, k, v, state.kv, state.k_sum, float(scale))
+        out, kv, k_sum = torch.ops.linattn_cuda.triton_step(q, k, v, state.kv, state.k_sum, float(p.scale))
         return out, TaylorState(kv, k_sum)
