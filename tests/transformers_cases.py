@@ -184,3 +184,10 @@ def generate_and_reference_logits(model, reference, ids, mask, new_tokens: int, 
     width = ids.shape[1]
     got = torch.stack(list(out.logits), 1)  # [B, new, V]
     return out, got, want[:, width - 1 :]
+
+
+def cache_kwarg(model) -> str:
+    """The forward argument that takes a cache: ``cache`` (transformers 5.2x) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
