@@ -36,9 +36,13 @@ def test_padded_forward_matches_float64(names, family, kind):
     """A left-padded batch (right-padded for the BERT encoder), grouped-query heads where the family has them:
     the logits of the real tokens equal those of the float64 ground truth with the same weights."""
     ours, reference = names[kind]
+    ids, mask, pos, _ = cases.padded_batch([13, 8], "right" if family == "bert" else "left")
+    if not cases.family_runs(family):  # an old version: the family's own 4-D mask is refused, not misread (old BERT
+        with pytest.raises((ValueError, KeyError)):  # does not even look the attention up: a KeyError of its own)
+            padded_forward(cases.build(family, ours), family, ids, mask, pos)
+        return
     model = cases.build(family, ours)
     ref = cases.twin(model, reference, torch.float64)
-    ids, mask, pos, _ = cases.padded_batch([13, 8], "right" if family == "bert" else "left")
     got = padded_forward(model, family, ids, mask, pos)
     want = padded_forward(ref, family, ids, mask, pos)
     keep = mask.bool()
@@ -50,6 +54,8 @@ def test_padded_forward_matches_float64(names, family, kind):
 def test_generate_matches_float64_full_forwards(names, family, kind):
     """generate() on a left-padded batch with the default cache (the fixed-size state on transformers >= 5.0):
     the logits of every generated token equal a float64 full forward over the sequence so far."""
+    if not cases.family_runs(family):
+        pytest.skip(f"{family} builds its own 4-D masks on transformers {transformers.__version__}")
     ours, reference = names[kind]
     model = cases.build(family, ours)
     ref = cases.twin(model, reference, torch.float64)
@@ -133,6 +139,8 @@ def test_mistral_sliding_window_is_refused(names):
 @pytest.mark.parametrize("family,field", [("llama", "attention_dropout"), ("gpt2", "attn_pdrop"),
                                           ("bert", "attention_probs_dropout_prob")])
 def test_attention_dropout_is_refused_in_training(names, family, field):
+    if not cases.family_runs(family):
+        pytest.skip(f"{family} builds its own 4-D masks on transformers {transformers.__version__}")
     model = cases.build(family, "taylor", **{field: 0.1})
     ids = cases.tokens(2, 6)
     assert torch.isfinite(cases.logits_of(model, ids)).all()  # eval: no dropout asked
@@ -143,6 +151,8 @@ def test_attention_dropout_is_refused_in_training(names, family, field):
 
 def test_attention_sinks_are_refused(names):
     """gpt-oss passes its learned sinks as ``s_aux``."""
+    if not hasattr(transformers, "GptOssConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no gpt-oss")
     config = transformers.GptOssConfig(
         vocab_size=cases.VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1, layer_types=["full_attention"],

@@ -118,7 +118,7 @@ def test_state_cache_off_keeps_the_key_value_cache(names, kind):
 
 def test_static_cache_without_a_mask_is_refused(names):
     model = cases.build("llama", "taylor")
-    cache = transformers.StaticCache(config=model.config, max_cache_len=32)
+    cache = cases.static_cache(model.config, max_cache_len=32)
     with pytest.raises(ValueError, match="pre-allocated \\(static\\) cache"):
         with torch.no_grad():
             model(cases.tokens(1, 5), **{cases.cache_kwarg(model): cache})
@@ -127,6 +127,8 @@ def test_static_cache_without_a_mask_is_refused(names):
 @pytest.mark.parametrize("kind", KINDS)
 def test_scaling_is_honoured(names, kind):
     """GPT-2 with scale_attn_by_inverse_layer_idx passes scaling = head_dim^-1/2 / (layer + 1)."""
+    if not cases.family_runs("gpt2"):
+        pytest.skip(f"GPT-2 builds its own 4-D masks on transformers {transformers.__version__}")
     ours, reference = names[kind]
     model = cases.build("gpt2", ours, scale_attn_by_inverse_layer_idx=True)
     ref = cases.twin(model, reference, torch.float64)

@@ -56,6 +56,18 @@ def family_config(family: str):
 
 DECODERS = ["llama", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt_neox", "gpt2"]
 
+# Families that build their own 4-D masks (not through transformers' mask interface) before these versions: the
+# attention then refuses the mask with an error. GPT-2 moved between 4.53 and 4.55, BERT in 5.0 (4.57 still not).
+FAMILY_SINCE = {"gpt2": "4.55", "bert": "5.0"}
+
+
+def family_runs(family: str) -> bool:
+    """Whether ``family`` passes the attention the 2-D mask on the installed transformers."""
+    from linattn_cuda.integrations.transformers import version_tuple
+
+    since = FAMILY_SINCE.get(family)
+    return since is None or version_tuple(transformers.__version__) >= version_tuple(since)
+
 
 def build(family_or_config, attn: str, *, seed: int = 0, dtype=torch.float32, **overrides):
     """A tiny model with ``attn`` as attention implementation, random weights from ``seed``, eval mode."""
@@ -64,7 +76,8 @@ def build(family_or_config, attn: str, *, seed: int = 0, dtype=torch.float32, **
         setattr(config, name, value)
     torch.manual_seed(seed)
     auto = transformers.AutoModelForMaskedLM if isinstance(config, transformers.BertConfig) else transformers.AutoModelForCausalLM
-    return auto.from_config(config, attn_implementation=attn, dtype=dtype).eval()
+    return auto.from_config(config, attn_implementation=attn).to(dtype).eval()  # (from_config's dtype argument
+    # is named torch_dtype before transformers 4.56)
 
 
 def twin(model, attn: str, dtype=None):
@@ -184,6 +197,16 @@ def generate_and_reference_logits(model, reference, ids, mask, new_tokens: int, 
     width = ids.shape[1]
     got = torch.stack(list(out.logits), 1)  # [B, new, V]
     return out, got, want[:, width - 1 :]
+
+
+def static_cache(config, max_cache_len: int, batch_size: int = 1):
+    """A StaticCache (its constructor wanted the batch size before transformers 4.56)."""
+    import inspect
+
+    kw = dict(config=config, max_cache_len=max_cache_len)
+    if "max_batch_size" in inspect.signature(transformers.StaticCache.__init__).parameters:
+        kw["max_batch_size"] = batch_size
+    return transformers.StaticCache(**kw)
 
 
 def cache_kwarg(model) -> str:
