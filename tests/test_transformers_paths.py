@@ -126,18 +126,16 @@ def test_static_cache_without_a_mask_is_refused(names):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_scaling_is_honoured(names, kind):
-    """GPT-2 with scale_attn_by_inverse_layer_idx passes scaling = head_dim^-1/2 / (layer + 1)."""
-    if not cases.family_runs("gpt2"):
-        pytest.skip(f"GPT-2 builds its own 4-D masks on transformers {transformers.__version__}")
+    """Gemma-2 passes scaling = query_pre_attn_scalar^-1/2 (here 2^-1/2, not head_dim^-1/2)."""
     ours, reference = names[kind]
-    model = cases.build("gpt2", ours, scale_attn_by_inverse_layer_idx=True)
+    full = dict(attn_logit_softcapping=None, layer_types=["full_attention"] * 2)
+    model = cases.build("gemma2", ours, query_pre_attn_scalar=2, **full)
     ref = cases.twin(model, reference, torch.float64)
     ids = cases.tokens(2, 11)
     got = cases.logits_of(model, ids)
     torch.testing.assert_close(got.double(), cases.logits_of(ref, ids), **TOL)
-    plain = cases.twin(model, ours)
-    plain.config.scale_attn_by_inverse_layer_idx = False
-    plain = cases.twin(plain, ours)
+    plain = cases.build("gemma2", ours, query_pre_attn_scalar=8, **full)  # 8 = head dim: the default scale
+    plain.load_state_dict(model.state_dict())
     assert (cases.logits_of(plain, ids) - got).abs().max() > 100 * TOL["atol"]
 
 

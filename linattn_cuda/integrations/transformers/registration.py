@@ -66,13 +66,19 @@ def _maybe_use_state_cache(model, arguments: dict) -> None:
     if not layer_types_are_full(text_config):
         return
     model_kwargs = arguments.get("model_kwargs")
-    if not isinstance(model_kwargs, dict):
+    if not isinstance(model_kwargs, dict) or generation_config.use_cache is False:
         return
-    for name in ("cache", "past_key_values"):
-        cache = model_kwargs.get(name)
-        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False) and cache.get_seq_length() == 0:
-            model_kwargs[name] = TaylorStateCache(config)
+    names = [n for n in ("cache", "past_key_values") if model_kwargs.get(n) is not None]
+    if not names:  # transformers 5.0-5.1x leave the default cache to the model's forward: give it ours
+        supports = getattr(model, "_supports_default_dynamic_cache", None)
+        if supports is not None and not supports():
             return
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        model_kwargs[name] = TaylorStateCache(config)
+        return
+    cache = model_kwargs[names[0]]
+    if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False) and cache.get_seq_length() == 0:
+        model_kwargs[names[0]] = TaylorStateCache(config)
 
 
 def _install_generate_hook() -> None:
