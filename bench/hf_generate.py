@@ -3,7 +3,7 @@ fixed-size state cache, against the default SDPA softmax attention with its grow
 
     OMP_NUM_THREADS=1 python -m bench.hf_generate --threads 1            # writes bench/results/hf_generate.*
 
-One tiny Llama built from a config (random weights, no download; ``--hidden 256 --layers 4 --heads 8 --kv-heads 2``:
+One tiny Llama built from a config (random weights, no download; ``--hidden 256 --layers 4 --heads 8 --kv-heads 8``:
 head dim 32), batch 1, prompts of ``--lengths`` tokens, ``--new-tokens`` greedy tokens, each case run
 ``--repeats`` times after one warm-up, median reported. A logits processor stamps the time at every generated
 token, so the decode figure is the median interval between consecutive tokens (one forward of one token through
@@ -153,7 +153,7 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
