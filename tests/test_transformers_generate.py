@@ -44,9 +44,9 @@ def test_cache_size_does_not_depend_on_the_prompt(names, kind):
     b, hk, d = 2, model.config.num_key_value_heads, model.config.head_dim
     m = feature_dim(d)
     per_layer = b * hk * (m * d + m) * 4  # fp32 kv [B, Hkv, M, Dv] and k_sum [B, Hkv, M]
-    if kind == "hybrid":
+    if kind == "hybrid":  # kv has one more column (the sink's), plus the ring of keys, values and their flags
         ring = cases.WINDOW - 1
-        per_layer += b * hk * ring * 2 * d * 4 + b * ring  # keys, values (model dtype) and their flags
+        per_layer += b * hk * m * 4 + b * hk * ring * 2 * d * 4 + b * ring
     assert sizes == [per_layer * model.config.num_hidden_layers] * 2
 
 

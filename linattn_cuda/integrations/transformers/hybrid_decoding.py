@@ -10,12 +10,15 @@ them, in one normalizer. A decoder therefore needs, per layer and key/value head
 Each new token costs ``O(W * D + M * Dv)`` per head whatever the number of tokens before it.
 
 :func:`hybrid_prefill` and :func:`hybrid_step` are composed from the package's public functions (the Taylor part
-through :func:`linattn_cuda.taylor_attention_prefill` and :func:`linattn_cuda.taylor_feature_map`); they are the
-seam where fused ``hybrid_attention_prefill`` / ``hybrid_attention_step`` kernels can replace them. How the Taylor
-part of a chunk is computed: the kernels return *normalized* outputs, so the normalizer is recovered with a sink
-key (zeros: weight ``1 + 0 + 0 = 1`` for every query) whose value is a one-hot extra column; the kernel returns
-``[N / (Z + 1), 1 / (Z + 1)]``, hence the Taylor numerator ``N`` and normalizer ``Z`` (as in
-:mod:`linattn_cuda.hybrid`). Window and Taylor parts then meet in one normalizer stabilized by
+through the fused :func:`linattn_cuda.taylor_attention_prefill` and :func:`linattn_cuda.taylor_attention_step`); they
+are the seam where fused ``hybrid_attention_prefill`` / ``hybrid_attention_step`` kernels can replace them.
+
+How the Taylor part gets its numerator and normalizer from kernels that return *normalized* outputs: the state
+always holds a *sink*, a key of zeros (weight ``1 + 0 + 0 = 1`` for every query) whose value is a one-hot extra
+column, so a read of the state returns ``[N / (Z + 1), 1 / (Z + 1)]``, hence the Taylor numerator ``N`` and
+normalizer ``Z`` of the real keys (as :mod:`linattn_cuda.hybrid` does with a sink key). A step folds the key
+leaving the window into the state and reads it in one fused call, then takes that key's own weight
+``1 + s + s^2/2`` back out of N and Z. Window and Taylor parts meet in one normalizer stabilized by
 ``m = max(max window logit, 0)`` wherever a Taylor key exists.
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ... import TaylorState, empty_state, feature_dim, taylor_attention_prefill, taylor_feature_map
+from ... import TaylorState, empty_state, taylor_attention_prefill, taylor_attention_step
 
 __all__ = ["HybridState", "empty_hybrid_state", "hybrid_prefill", "hybrid_step"]
 
@@ -43,8 +46,9 @@ def _check_window(window) -> int:
 class HybridState:
     """Decoding cache of one causal hybrid-attention layer; its tensors never grow.
 
-    taylor:  :class:`linattn_cuda.TaylorState` of the keys that have left the window (``kv [B, Hkv, M, Dv]``,
-             ``k_sum [B, Hkv, M]``, float32; float64 for float64 inputs).
+    taylor:  :class:`linattn_cuda.TaylorState` of the keys that have left the window plus the sink (``kv
+             [B, Hkv, M, Dv + 1]``: the last column is the sink's value; ``k_sum [B, Hkv, M]``: its feature 0 counts
+             the keys + 1), float32 (float64 for float64 inputs).
     keys:    ``[B, Hkv, W - 1, D]`` ring buffer of the last ``W - 1`` keys (the inputs' dtype);
     values:  ``[B, Hkv, W - 1, Dv]`` their values;
     valid:   ``[B, W - 1]`` bool, False for an empty slot or a padded key;
@@ -84,8 +88,11 @@ def empty_hybrid_state(batch: int, kv_heads: int, head_dim: int, value_dim: int,
     _check_window(window)
     acc = _accumulate_dtype(dtype)
     ring = window - 1
+    sink = empty_state(batch, kv_heads, head_dim, value_dim + 1, dtype=acc, device=device)
+    sink.kv[..., 0, value_dim] = 1.0  # phi(0) = [1, 0, ...] times the value [0, ..., 0, 1]
+    sink.k_sum[..., 0] = 1.0
     return HybridState(
-        empty_state(batch, kv_heads, head_dim, value_dim, dtype=acc, device=device),
+        sink,
         torch.zeros(batch, kv_heads, ring, head_dim, dtype=dtype, device=device),
         torch.zeros(batch, kv_heads, ring, value_dim, dtype=dtype, device=device),
         torch.zeros(batch, ring, dtype=torch.bool, device=device),
@@ -158,22 +165,18 @@ def hybrid_prefill(
     valid = torch.cat([ring_valid, new_valid], dim=1)  # [B, W-1+L]
     qa = q.to(acc)
 
-    # Taylor part: query i sees the state plus keys[0 .. i-1] (those at distance >= W), through a sink key
-    qs = torch.cat([qa, qa.new_zeros(b, h, 1, d)], dim=2)  # one extra query so the state takes keys[L-1] too
+    # Taylor part: query i sees the state plus keys[0 .. i-1] (those at distance >= W): one masked dummy key in
+    # front shifts the causal mask by one; one extra query at the end makes the new state take keys[L-1] too
+    qs = torch.cat([qa, qa.new_zeros(b, h, 1, d)], dim=2)
     ks = torch.cat([keys.new_zeros(b, hk, 1, d), keys[:, :, :length]], dim=2)
-    sink_value = F.pad(values.new_ones(b, hk, 1, 1), (dv, 0))  # [0, ..., 0, 1]
-    vs = torch.cat([sink_value, F.pad(values[:, :, :length], (0, 1))], dim=2)
-    mask_s = torch.cat([valid.new_zeros(b, 1), ~valid[:, :length]], dim=1)
-    initial = TaylorState(F.pad(state.taylor.kv, (0, 1)), state.taylor.k_sum)
-    o, taylor = taylor_attention_prefill(qs, ks, vs, scale=scale, key_padding_mask=mask_s, initial_state=initial,
-                                         enable_gqa=hk != h, backend=backend)
+    vs = F.pad(values[:, :, :length], (0, 1, 1, 0))  # [0-row, then the values with a 0 in the sink column]
+    mask_s = torch.cat([valid.new_ones(b, 1), ~valid[:, :length]], dim=1)
+    o, new_taylor = taylor_attention_prefill(qs, ks, vs, scale=scale, key_padding_mask=mask_s,
+                                             initial_state=state.taylor, enable_gqa=hk != h, backend=backend)
     o = o[:, :, :length].to(acc)
-    inv = o[..., dv]  # 1 / (Z + 1), in (0, 1]
+    inv = o[..., dv]  # 1 / (Z + 1), in (0, 1]; exactly 1 where no real key is in the state
     num_far = o[..., :dv] / inv.unsqueeze(-1)
     den_far = 1.0 / inv - 1.0
-    k_sum = taylor.k_sum.clone()
-    k_sum[..., 0] -= 1.0  # the sink's phi(0) = [1, 0, ...]; its value touches only the extra column, dropped here
-    new_taylor = TaylorState(taylor.kv[..., :dv].contiguous(), k_sum)
 
     # window part, in blocks of W queries against the 2W keys of their own and the next key block
     n = -(-length // window)
@@ -204,14 +207,6 @@ def hybrid_prefill(
     return out, new_state
 
 
-def _fold(state: HybridState, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
-    """Add keys ``k [B, Hkv, D]`` (values ``v [B, Hkv, Dv]``, flags ``valid [B]``) to the Taylor state, in place."""
-    kv, k_sum = state.taylor
-    fk = taylor_feature_map(k.to(kv.dtype), state.scale) * valid.to(kv.dtype)[:, None, None]  # phi(0) != 0: mask it
-    kv.add_(fk.unsqueeze(-1) * v.to(kv.dtype).unsqueeze(-2))
-    k_sum.add_(fk)
-
-
 def hybrid_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -219,6 +214,7 @@ def hybrid_step(
     state: HybridState,
     *,
     valid: Optional[torch.Tensor] = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """One decoding step of causal hybrid attention, updating ``state`` in place: O(W * D + M * Dv) per head.
 
@@ -232,33 +228,47 @@ def hybrid_step(
             raise ValueError(f"hybrid_step takes one token: q, k, v of length 1, got {q.shape[2]}, {k.shape[2]}, {v.shape[2]}")
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
     b, h, d = q.shape
-    hk = k.shape[1]
+    hk, dv = k.shape[1], v.shape[-1]
     if state.keys.shape[:2] != (b, hk) or state.keys.shape[-1] != d:
         raise ValueError(f"state holds batch {state.keys.shape[0]}, {state.keys.shape[1]} key/value heads of dim "
                          f"{state.keys.shape[-1]}; got k {tuple(k.shape)}")
     if valid is None:
         valid = torch.ones(b, dtype=torch.bool, device=q.device)
-    kv, k_sum = state.taylor
-    acc = kv.dtype
-    g = h // hk
-    qa = q.to(acc).view(b, hk, g, d)
-    ring_k, ring_v = state.keys.to(acc), state.values.to(acc)
-    keys = torch.cat([ring_k, k.to(acc).unsqueeze(2)], dim=2)  # [B, Hkv, W, D] (ring order: a sum does not care)
-    values = torch.cat([ring_v, v.to(acc).unsqueeze(2)], dim=2)
-    key_valid = torch.cat([state.valid, valid[:, None]], dim=1)  # [B, W]
-    s = torch.matmul(qa, keys.transpose(-1, -2)) * state.scale  # [B, Hkv, G, W]
-    fq = taylor_feature_map(qa, state.scale)  # [B, Hkv, G, M]
-    num_far = torch.matmul(fq, kv)  # [B, Hkv, G, Dv]
-    den_far = torch.matmul(fq, k_sum.unsqueeze(-1)).squeeze(-1)  # [B, Hkv, G]
-    out = _combine(s.unsqueeze(-2), values.unsqueeze(2), key_valid[:, None, None, None, :], num_far.unsqueeze(-2),
-                   den_far.unsqueeze(-1), q.dtype).reshape(b, h, -1)
-
-    ring = state.window - 1
-    if ring == 0:  # the window is the token itself: its key goes straight to the Taylor state
-        _fold(state, k, v, valid)
-    else:
+    old = state.taylor
+    acc = old.kv.dtype
+    g, ring, scale = h // hk, state.window - 1, state.scale
+    qa = q.to(acc)
+    if ring:  # the oldest key leaves the window for the state; the new one takes its slot
         slot = state.start
-        _fold(state, state.keys[:, :, slot], state.values[:, :, slot], state.valid[:, slot])
+        k_fold, v_fold, fold_valid = state.keys[:, :, slot].to(acc), state.values[:, :, slot].to(acc), state.valid[:, slot]
+    else:  # a window of one: the new key goes straight to the state
+        k_fold, v_fold, fold_valid = k.to(acc), v.to(acc), valid
+
+    # Taylor part: fold k_fold and read the state in one fused step, then take k_fold's own weight back out
+    o, new = taylor_attention_step(qa, k_fold, F.pad(v_fold, (0, 1)), old, scale=scale, enable_gqa=hk != h,
+                                   backend=backend)
+    o = o.to(acc).view(b, hk, g, dv + 1)
+    inv = o[..., dv]  # 1 / (Z' + 1), Z' including k_fold
+    s_fold = torch.matmul(qa.view(b, hk, g, d), k_fold.unsqueeze(-1)).squeeze(-1) * scale  # [B, Hkv, G]
+    w_fold = 1 + s_fold + s_fold * s_fold / 2
+    has_far = (old.k_sum[..., 0] > 1.5)[:, :, None]  # keys before the window (feature 0 counts them, + the sink)
+    num_far = torch.where(has_far.unsqueeze(-1), o[..., :dv] / inv.unsqueeze(-1) - w_fold.unsqueeze(-1) * v_fold[:, :, None],
+                          torch.zeros((), dtype=acc))
+    den_far = torch.where(has_far, 1.0 / inv - 1.0 - w_fold, torch.zeros((), dtype=acc))
+    if bool(fold_valid.all()):
+        state.taylor = new
+    else:  # a padded (or empty) slot leaves the window: the state stays as it was for that row
+        keep = fold_valid.view(b, 1, 1)
+        state.taylor = TaylorState(torch.where(keep.unsqueeze(-1), new.kv, old.kv), torch.where(keep, new.k_sum, old.k_sum))
+
+    # window part: the ring (any order: a sum) and the new key
+    keys = torch.cat([state.keys.to(acc), k.to(acc).unsqueeze(2)], dim=2)  # [B, Hkv, W, D]
+    values = torch.cat([state.values.to(acc), v.to(acc).unsqueeze(2)], dim=2)
+    key_valid = torch.cat([state.valid, valid[:, None]], dim=1)  # [B, W]
+    s = torch.matmul(qa.view(b, hk, g, d), keys.transpose(-1, -2)) * scale  # [B, Hkv, G, W]
+    out = _combine(s.unsqueeze(-2), values.unsqueeze(2), key_valid[:, None, None, None, :], num_far.unsqueeze(-2),
+                   den_far.unsqueeze(-1), q.dtype).reshape(b, h, dv)
+    if ring:
         state.keys[:, :, slot] = k.to(state.keys.dtype)
         state.values[:, :, slot] = v.to(state.values.dtype)
         state.valid[:, slot] = valid
@@ -289,7 +299,3 @@ def hybrid_attention_with_prefix(q, k, v, *, window, scale=None, key_padding_mas
     return hybrid_prefill(q, k[:, :, p:], v[:, :, p:], window=window, scale=scale, key_padding_mask=new_mask,
                           state=state, enable_gqa=k.shape[1] != q.shape[1], backend=backend)[0]
 
-
-def state_feature_dim(head_dim: int) -> int:
-    """M, the number of Taylor features per key/value head (for documentation and size accounting)."""
-    return feature_dim(head_dim)
