@@ -5,8 +5,8 @@ fixed-size state cache, against the default SDPA softmax attention with its grow
 
 One tiny Llama built from a config (random weights, no download; ``--hidden 256 --layers 4 --heads 8 --kv-heads 8``:
 head dim 32), batch 1, prompts of ``--lengths`` tokens, ``--new-tokens`` greedy tokens, each case run
-``--repeats`` times after one warm-up, median reported. A logits processor stamps the time at every generated
-token (wall clock and this thread's CPU time), so the decode figure is the median interval between consecutive
+``--repeats`` times (cases interleaved) after one warm-up, the minimum over the repeats reported. A logits
+processor stamps the time at every generated token (wall clock and this thread's CPU time), so the decode figure is the median interval between consecutive
 tokens (one forward of one token through the cache: no prefill in it); ``prefill`` is the time to the first token.
 On a shared machine the CPU time is the figure to read (the wall clock includes the time other processes hold the
 core). ``cache bytes`` is what the returned cache
@@ -71,34 +71,33 @@ def build(attn: str, args):
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
 
 
-def run_case(model, length: int, args) -> dict:
+def run_once(model, length: int, args) -> dict:
+    """One generate() call; per-token figures are medians over its steps."""
     from transformers import LogitsProcessorList
 
     ids = torch.randint(3, args.vocab, (1, length), generator=torch.Generator().manual_seed(length))
-    runs = []
-    for rep in range(args.repeats + 1):  # the first is a warm-up
-        stamps = _Stamps()
-        start, start_cpu = time.perf_counter(), time.thread_time()
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                                 min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
-                                 logits_processor=LogitsProcessorList([stamps]), return_dict_in_generate=True)
-        end = time.perf_counter()
-        if rep == 0:
-            continue
-        steps = [b - a for a, b in zip(stamps.wall[:-1], stamps.wall[1:])]
-        steps_cpu = [b - a for a, b in zip(stamps.cpu[:-1], stamps.cpu[1:])]
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        runs.append({"total_s": end - start, "prefill_s": stamps.wall[0] - start,
-                     "prefill_cpu_s": stamps.cpu[0] - start_cpu, "decode_ms": 1e3 * statistics.median(steps),
-                     "decode_cpu_ms": 1e3 * statistics.median(steps_cpu), "cache_bytes": cache_bytes(cache),
-                     "cache_type": type(cache).__name__})
-    keys = ("total_s", "prefill_s", "prefill_cpu_s", "decode_ms", "decode_cpu_ms")
-    med = {k: statistics.median(r[k] for r in runs) for k in keys}
-    return {"length": length, **med, "decode_tokens_per_s": 1e3 / med["decode_ms"],
-            "decode_cpu_tokens_per_s": 1e3 / med["decode_cpu_ms"],
-            "generate_tokens_per_s": args.new_tokens / med["total_s"], "cache_bytes": runs[-1]["cache_bytes"],
-            "cache_type": runs[-1]["cache_type"]}
+    stamps = _Stamps()
+    start, start_cpu = time.perf_counter(), time.thread_time()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                             min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
+                             logits_processor=LogitsProcessorList([stamps]), return_dict_in_generate=True)
+    end = time.perf_counter()
+    steps = [b - a for a, b in zip(stamps.wall[:-1], stamps.wall[1:])]
+    steps_cpu = [b - a for a, b in zip(stamps.cpu[:-1], stamps.cpu[1:])]
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    return {"total_s": end - start, "prefill_s": stamps.wall[0] - start, "prefill_cpu_s": stamps.cpu[0] - start_cpu,
+            "decode_ms": 1e3 * statistics.median(steps), "decode_cpu_ms": 1e3 * statistics.median(steps_cpu),
+            "cache_bytes": cache_bytes(cache), "cache_type": type(cache).__name__}
+
+
+def summarize(length: int, runs: list, args) -> dict:
+    """The minimum over the repeats of each figure (interference from other processes only ever adds time)."""
+    best = {k: min(r[k] for r in runs) for k in ("total_s", "prefill_s", "prefill_cpu_s", "decode_ms", "decode_cpu_ms")}
+    return {"length": length, **best, "decode_tokens_per_s": 1e3 / best["decode_ms"],
+            "decode_cpu_tokens_per_s": 1e3 / best["decode_cpu_ms"],
+            "generate_tokens_per_s": args.new_tokens / best["total_s"], "cache_bytes": runs[-1]["cache_bytes"],
+            "cache_type": runs[-1]["cache_type"], "repeats": runs}
 
 
 def write_report(results: dict, info: dict, args, out: Path) -> None:
@@ -108,7 +107,8 @@ def write_report(results: dict, info: dict, args, out: Path) -> None:
              f"Command: `{args.command}`", "",
              f"Model: Llama from a config, hidden {args.hidden}, {args.layers} layers, {args.heads} heads "
              f"({args.kv_heads} key/value heads) of dim {args.hidden // args.heads}, vocab {args.vocab}, float32, "
-             f"batch 1, {args.new_tokens} greedy tokens, median of {args.repeats} runs after a warm-up.", "",
+             f"batch 1, {args.new_tokens} greedy tokens; each figure the minimum over {args.repeats} runs (cases interleaved, "
+             "after a warm-up) of the run's median per-token time.", "",
              "Decode: the median time between consecutive generated tokens (one forward of one token through the cache);"
              " CPU = this thread's CPU time (the cost of the token, whatever else shares the cores), wall = wall clock."
              " Prefill: time to the first token (CPU time).", "",
@@ -162,7 +162,7 @@ def main(argv=None):
     p.add_argument("--lengths", default="128,512,1024,2048,4096,8192")
     p.add_argument("--impls", default="taylor,taylor_hybrid,sdpa")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
@@ -189,15 +189,20 @@ def main(argv=None):
     info["load_before"] = os.getloadavg()
     if args.note:
         info["note"] = args.note
-    results = {}
-    for impl in args.impls.split(","):
-        model = build(impl, args)
-        results[impl] = []
+    impls = args.impls.split(",")
+    models = {impl: build(impl, args) for impl in impls}
+    for impl in impls:  # warm-up
+        run_once(models[impl], args.lengths[0], args)
+    runs = {(impl, length): [] for impl in impls for length in args.lengths}
+    for rep in range(args.repeats):  # interleaved, so that a busy spell of the machine hits every case alike
         for length in args.lengths:
-            row = run_case(model, length, args)
-            results[impl].append(row)
-            print(f"{impl:14s} L={length:5d} prefill {row['prefill_s']:.3f} s  decode {row['decode_cpu_ms']:.2f} ms/token "
-                  f"CPU, {row['decode_ms']:.2f} wall  {row['cache_type']} {row['cache_bytes']:,} B", flush=True)
+            for impl in impls:
+                row = run_once(models[impl], length, args)
+                runs[impl, length].append(row)
+                print(f"[{rep}] {impl:14s} L={length:5d} prefill {row['prefill_s']:.3f} s  decode "
+                      f"{row['decode_cpu_ms']:.2f} ms/token CPU, {row['decode_ms']:.2f} wall  {row['cache_type']} "
+                      f"{row['cache_bytes']:,} B", flush=True)
+    results = {impl: [summarize(length, runs[impl, length], args) for length in args.lengths] for impl in impls}
     info["load_after"] = os.getloadavg()
     info["note"] = ((info.get("note") + "; ") if info.get("note") else "") + (
         f"transformers {transformers.__version__}; load average (1, 5, 15 min) before {info['load_before']}, "
