@@ -6,11 +6,11 @@ fixed-size state cache, against the default SDPA softmax attention with its grow
 One tiny Llama built from a config (random weights, no download; ``--hidden 256 --layers 4 --heads 8 --kv-heads 8``:
 head dim 32), batch 1, prompts of ``--lengths`` tokens, ``--new-tokens`` greedy tokens, each case run
 ``--repeats`` times (cases interleaved) after one warm-up, the minimum over the repeats reported. A logits
-processor stamps the time at every generated token (wall clock and this thread's CPU time), so the decode figure is the median interval between consecutive
-tokens (one forward of one token through the cache: no prefill in it); ``prefill`` is the time to the first token.
-On a shared machine the CPU time is the figure to read (the wall clock includes the time other processes hold the
-core). ``cache bytes`` is what the returned cache
-holds after the last token (the state: ``TaylorStateCache.nbytes``; SDPA: its keys and values).
+processor stamps the time at every generated token (wall clock and this thread's CPU time), so the decode figure
+is the median interval between consecutive tokens (one forward of one token through the cache: no prefill in it);
+``prefill`` is the time to the first token. On a shared machine the CPU time is the figure to read (the wall clock
+includes the time other processes hold the core). ``cache bytes`` is what the returned cache holds after the last
+token (the state: ``TaylorStateCache.nbytes``; SDPA: its keys and values).
 
 The issue's target: Taylor and hybrid per-token decode time from a 4K prompt within 1.3x of that from a 128-token
 prompt, cache bytes identical; SDPA's grows with the prompt.
