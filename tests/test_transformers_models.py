@@ -97,17 +97,25 @@ def test_gemma_with_its_head_dim_256(names, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_backward_matches_float64(names, kind):
-    """Training step of a padded batch with grouped-query heads: loss and every parameter gradient."""
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_backward_matches_float64(names, kind, layout):
+    """Training step with grouped-query heads, of a right-padded batch or of a flattened one (cu_seq_lens; the
+    ground truth gets the packing from the position ids): loss and every parameter gradient."""
     ours, reference = names[kind]
     model = cases.build("llama", ours)
     ref = cases.twin(model, reference, torch.float64)
-    ids, mask, pos, _ = cases.padded_batch([12, 7], "right", seed=40)
-    labels = ids.masked_fill(mask == 0, -100)
+    if layout == "padded":
+        ids, mask, pos, _ = cases.padded_batch([12, 7], "right", seed=40)
+        labels = ids.masked_fill(mask == 0, -100)
+        inputs = want_inputs = dict(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels)
+    else:
+        seqs = [cases.tokens(1, n, seed=41 + i)[0] for i, n in enumerate([9, 3, 11])]
+        inputs = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)([{"input_ids": s.tolist()} for s in seqs])
+        want_inputs = {k: inputs[k] for k in ("input_ids", "position_ids", "labels")}
     model.train()
     ref.train()
-    out = model(ids, attention_mask=mask, position_ids=pos, labels=labels, use_cache=False)
-    want = ref(ids, attention_mask=mask, position_ids=pos, labels=labels, use_cache=False)
+    out = model(**inputs, use_cache=False)
+    want = ref(**want_inputs, use_cache=False)
     torch.testing.assert_close(out.loss.double(), want.loss.double(), rtol=1e-5, atol=1e-6)
     out.loss.backward()
     want.loss.backward()

@@ -19,7 +19,7 @@ config field. Modules:
 * :mod:`.registration`: ``register`` and the hook that makes the state cache generate()'s default.
 
 Versions: transformers >= 4.53 (``MIN_TRANSFORMERS``) for the attention (key/value caches); >= 5.0
-(``MIN_TRANSFORMERS_STATE_CACHE``) for the state cache. Tested: 4.53.3 and 5.25.0 (see the README).
+(``MIN_TRANSFORMERS_STATE_CACHE``) for the state cache. Tested: 4.53.3, 5.0.0 and 5.25.0 (see the README).
 """
 from .attention import AttentionSpec, hybrid_attention_forward, packed_cu_seqlens, taylor_attention_forward
 from .hybrid_decoding import HybridState, empty_hybrid_state, hybrid_prefill, hybrid_step
