@@ -99,6 +99,20 @@ def test_prompt_in_chunks_then_steps_matches_float64(names, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_generate_with_chunked_prefill(names, kind):
+    """generate(prefill_chunk_size=4): a left-padded prompt of 11 tokens goes in chunks through the state."""
+    if not hasattr(transformers.GenerationConfig(), "prefill_chunk_size"):
+        pytest.skip(f"transformers {transformers.__version__} has no chunked prefill")
+    ours, reference = names[kind]
+    model = cases.build("llama", ours)
+    ref = cases.twin(model, reference, torch.float64)
+    ids, mask, _, _ = cases.padded_batch([11, 7], "left", seed=66)
+    out, got, want = cases.generate_and_reference_logits(model, ref, ids, mask, new_tokens=4, prefill_chunk_size=4)
+    assert isinstance(cases.cache_of(out), la_hf.TaylorStateCache)
+    torch.testing.assert_close(got.double(), want, **TOL)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_attention_mask_updates_during_decoding(names, kind):
     """A left-padded prompt, then steps in which one row's new token is masked out (as a caller may do for a
     finished row): same logits as the key/value cache given the same masks."""

@@ -180,7 +180,7 @@ def register_all() -> dict:
 
 
 def cache_of(output):
-    """The cache a generate() output returns (its attribute was renamed in transformers 5.2x)."""
+    """The cache a generate() output returns (``cache`` on transformers 5.25, ``past_key_values`` before)."""
     return getattr(output, "cache", None) or getattr(output, "past_key_values", None)
 
 
@@ -210,7 +210,7 @@ def static_cache(config, max_cache_len: int, batch_size: int = 1):
 
 
 def cache_kwarg(model) -> str:
-    """The forward argument that takes a cache: ``cache`` (transformers 5.2x) or ``past_key_values``."""
+    """The forward argument that takes a cache: ``cache`` (transformers 5.25) or ``past_key_values`` (before)."""
     import inspect
 
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

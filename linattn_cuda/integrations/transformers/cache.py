@@ -81,7 +81,7 @@ class _StateLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1  # no sequence dimension
 
-    get_max_cache_shape = get_max_length  # its name before transformers 5.2x
+    get_max_cache_shape = get_max_length  # its name in transformers 5.0
 
     def crop(self, tokens_to_remove: int) -> None:
         # tokens_to_remove <= 0 removes |n| tokens (current API); n > 0 is an absolute length (older API)
@@ -187,7 +187,7 @@ class TaylorStateCache(Cache):
     :func:`linattn_cuda.integrations.transformers.register` (``generate()`` builds one by default).
 
         cache = TaylorStateCache(model.config)
-        out = model.generate(ids, past_key_values=cache, ...)     # ``cache=`` on transformers >= 5.2x
+        out = model.generate(ids, past_key_values=cache, ...)     # ``cache=`` on transformers 5.25
 
     ``attn_implementation`` (default: the config's) names the registered attention whose kind/window it serves.
     """

@@ -4,9 +4,9 @@ transformers' attention layers call ``cache.update(key, value, layer_idx, ...)``
 the tensors it returned. A state cache layer does not return the keys of the whole context (it has none), so the
 attention function must find the layer to run the prefill/step against its state. Two routes:
 
-* the attention kwargs: on recent transformers (5.2x) Llama-style layers pass their kwargs dict to ``update``
-  (``cache.update(k, v, layer_idx, kwargs=kwargs)``) and then call the attention with ``**kwargs``, so a layer that
-  stores itself under :data:`KWARG` arrives as a keyword argument;
+* the attention kwargs: on recent transformers (5.25 does, 5.18 does not) Llama-style layers pass their kwargs dict
+  to ``update`` (``cache.update(k, v, layer_idx, kwargs=kwargs)``) and then call the attention with ``**kwargs``, so
+  a layer that stores itself under :data:`KWARG` arrives as a keyword argument;
 * otherwise (older 5.x, GPT-NeoX, ...) a per-thread slot: ``update`` offers ``(layer, key, value)`` and the attention
   function claims it only if it receives exactly those tensor objects.
 
