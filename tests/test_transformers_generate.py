@@ -164,3 +164,22 @@ def test_state_cache_misuse_is_an_error_not_a_wrong_output(names):
     batch = {"input_ids": cases.tokens(1, 6), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2]])}
     with pytest.raises(NotImplementedError, match="packed sequences .* cannot share a state cache"):
         forward(model, batch["input_ids"], cache, position_ids=batch["position_ids"])
+
+
+def test_benchmark_script_runs(tmp_path):
+    """bench/hf_generate.py on a toy size: its table, JSON and plot, and the fixed cache bytes it reports."""
+    import json
+
+    from bench import hf_generate
+
+    out = tmp_path / "hf_generate"
+    hf_generate.main(["--lengths", "16,40", "--new-tokens", "3", "--repeats", "1", "--hidden", "32", "--layers", "1",
+                      "--heads", "4", "--kv-heads", "2", "--vocab", "61", "--window", str(cases.WINDOW), "--out", str(out)])
+    results = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert set(results) == {"taylor", "taylor_hybrid", "sdpa"}
+    for impl in ("taylor", "taylor_hybrid"):
+        assert len({row["cache_bytes"] for row in results[impl]}) == 1
+        assert {row["cache_type"] for row in results[impl]} == {"TaylorStateCache"}
+    sdpa = [row["cache_bytes"] for row in results["sdpa"]]
+    assert sdpa[1] > sdpa[0]
+    assert "| Taylor (state cache) | 40 |" in out.with_suffix(".md").read_text()
