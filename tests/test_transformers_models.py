@@ -81,7 +81,6 @@ def test_the_comparisons_can_fail(names):
         assert (a - b).abs().max() > 1000 * TOL["atol"]
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="D > 128 routing: issue 18 (backend 'cpu' supports D <= 128)")
 @pytest.mark.parametrize("kind", KINDS)
 def test_gemma_with_its_head_dim_256(names, kind):
     ours, reference = names[kind]
