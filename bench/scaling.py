@@ -29,7 +29,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--preset", default="quick", choices=["quick", "full", "tiny"])
-    p.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder (default bench/results)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: a new run folder runs/bench/<device>_scaling-<date-time>; pass "
+                        "bench/results to update the committed tables)")
     p.add_argument("--name", default=None, help="file stem (default <device>_scaling)")
     p.add_argument("--note", default=None, help="a line for the results header, e.g. 'contended dev run'")
     p.add_argument("--lengths", default=None, help="comma-separated lengths (overrides the preset)")
@@ -103,6 +105,9 @@ def main(argv=None) -> int:
 
     from bench import report
 
+    if args.out is None:  # a run folder of its own: the committed tables change only when asked (--out bench/results)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        args.out = os.path.join(os.path.dirname(HERE), "runs", "bench", f"{args.device}_scaling-{stamp}")
     os.makedirs(args.out, exist_ok=True)
     name = args.name or f"{args.device}_scaling"
     out_json = os.path.join(args.out, name + ".json")
