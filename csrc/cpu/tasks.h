@@ -25,6 +25,12 @@ struct Shape {
 // Buffers are head-major matrices of contiguous rows: the rows (tokens) of sequence n, head h start at row
 // start[n] + h * head_stride. Dense [B, H, L, *]: start[b] = b H L, head_stride = L. Packed [T, H, *] tensors are
 // transposed to [H, T, *] first: start[n] = cu_seqlens[n], head_stride = T.
+// Which algorithm and chunk size a task runs (make_plan in taylor_cpu.cpp chooses).
+struct Plan {
+  bool quadratic;  // quadratic form over all visible keys (blocks of `chunk` queries), else the linear form
+  int chunk;       // tokens per chunk
+};
+
 struct Rows {
   std::vector<int64_t> start, len;
   int64_t head_stride = 0;

@@ -37,6 +37,10 @@
 #include "../include/problem.h"
 #include "math.h"
 #include "tasks.h"
+#include "taylor_chunk.h"
+#include "taylor_parallel.h"
+#include "taylor_state.h"
+#include "taylor_step.h"
 
 namespace linattn_cuda {
 namespace cpu {
@@ -45,10 +49,6 @@ namespace {
 // ---------------------------------------------------------------------------------------------------------
 // Which algorithm and chunk size, per shape. Measured on a 2-core Xeon (Sapphire Rapids) with MKL:
 // see bench/results and the README; overridable with LINATTN_CPU_CHUNK / LINATTN_CPU_QUADRATIC_MAX.
-struct Plan {
-  bool quadratic;  // quadratic form over all visible keys (blocks of `chunk` queries), else the linear form
-  int chunk;       // tokens per chunk
-};
 
 // LINATTN_CPU_FORM = "quadratic" | "linear" forces a form (tests, benchmarks); unset = per-shape choice.
 int forced_form() {
@@ -89,47 +89,6 @@ Plan make_plan(const Shape& s, bool causal) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Linear-form building blocks, shared by the forward, the backward and the state passes. A state S_aug is an
-// M x (Dv + 1) matrix (rows ldst apart): S = sum phi(k) v^T in the first Dv columns, z = sum phi(k) in the last.
-
-// Scratch of the feature map for chunks of up to c rows.
-template <typename T>
-struct FeatureScratch {
-  std::vector<T> xt, phi, gt, zq, red;  // x^T, phi^T, a d x c gradient scratch, two c-long row buffers
-  FeatureScratch(int c, int d, int m)
-      : xt(static_cast<size_t>(c) * d), phi(static_cast<size_t>(c) * m), gt(static_cast<size_t>(c) * d), zq(c), red(c) {}
-};
-
-// S_aug += phi(K)^T [V | 1] over the n keys k (rows d apart) / v (rows ld apart); padded keys add nothing.
-// vscratch: n x dv. The normalizer column is kept out of the GEMM (see the forward's note above).
-template <typename T>
-void keys_into_state(const FeatureMap<T>& fm, const T* k, const T* v, const bool* pad, int n, int dv, int ld,
-                     T* st, FeatureScratch<T>& fs, T* vscratch) {
-  const int d = fm.d, m = fm.m, dv1 = dv + 1;
-  fm.features(k, n, fs.xt.data(), fs.phi.data());
-  zero_padded_columns(fs.phi.data(), m, n, pad);
-  int ldv = ld;
-  const T* vc = key_values(v, pad, n, dv, &ldv, vscratch);
-  gemm<T>(false, false, m, dv, n, T(1), fs.phi.data(), n, vc, ldv, T(1), st, dv1);
-  add_feature_sums(fs.phi.data(), m, n, st + dv, dv1);
-  (void)d;
-}
-
-// num = phi(Q)^T S_aug (n x (Dv + 1), the normalizer last; beta = 1 adds to num) for n queries q (rows d apart).
-template <typename T>
-void queries_read_state(const FeatureMap<T>& fm, const T* q, int n, int dv, const T* st, T* num, bool add,
-                        FeatureScratch<T>& fs) {
-  const int m = fm.m, dv1 = dv + 1;
-  fm.features(q, n, fs.xt.data(), fs.phi.data());
-  gemm<T>(true, false, n, dv, m, T(1), fs.phi.data(), n, st, dv1, add ? T(1) : T(0), num, dv1);
-  project_normalizer(fs.phi.data(), m, n, st + dv, dv1, fs.zq.data(), 1, fs.red.data());
-  for (int r = 0; r < n; ++r) {
-    T& z = num[static_cast<int64_t>(r) * dv1 + dv];
-    z = (add ? z : T(0)) + fs.zq[r];
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------
 // Forward for one (sequence, head) and the value columns [c0, c0 + s.dv) of a value matrix with rows ld apart
 // (v and out point at column c0; ld = s.dv unless the value columns are split across tasks, see run_forward).
 // den may be null (a task that is not the first of its head). s0 (M x (Dv+1), or null) is an initial state: every
@@ -138,162 +97,12 @@ void queries_read_state(const FeatureMap<T>& fm, const T* q, int n, int dv, cons
 template <typename T>
 void forward_one(const T* q, const T* k, const T* v, const bool* pad, T* out, T* den, const Shape& s, bool causal,
                  double scale, const Plan& plan, const T* s0, T* s_out, int ld) {
-  const int d = static_cast<int>(s.d), dv = static_cast<int>(s.dv), dv1 = dv + 1;
-  const FeatureMap<T> fm(d, scale);
-  const int m = fm.m;
-  const T tscale = static_cast<T>(scale);
-  const int lq = static_cast<int>(s.lq), lk = static_cast<int>(s.lk);
-  const int off = causal ? lk - lq : 0;  // keys every query of a causal problem sees
-  // num: n x (Dv + 1) rows, the numerator in the first Dv columns and the normalizer in the last
-
   if (plan.quadratic) {
     TORCH_CHECK(s_out == nullptr, "internal: the quadratic form builds no state");
-    const int c = std::max(1, std::min(plan.chunk, lq));
-    std::vector<T> vscratch(pad ? static_cast<size_t>(lk) * dv : 0), sblk(static_cast<size_t>(c) * lk),
-        num(static_cast<size_t>(c) * dv1), rowsum(c);
-    FeatureScratch<T> fs(s0 != nullptr ? c : 0, d, m);
-    int ldv = ld;
-    const T* vk = key_values(v, pad, lk, dv, &ldv, vscratch.data());
-    for (int r0 = 0; r0 < lq; r0 += c) {
-      const int n = std::min(c, lq - r0);
-      const int kend = causal ? std::min(lk, r0 + n + off) : lk;  // the keys this block of queries sees
-      const T* qc = q + static_cast<int64_t>(r0) * d;
-      if (s0 != nullptr) queries_read_state(fm, qc, n, dv, s0, num.data(), false, fs);
-      gemm<T>(false, true, n, kend, d, tscale, qc, d, k, d, T(0), sblk.data(), lk);
-      poly_rows(sblk.data(), n, kend, lk, causal ? r0 + off : -1, pad, rowsum.data());
-      gemm<T>(false, false, n, dv, kend, T(1), sblk.data(), lk, vk, ldv, s0 != nullptr ? T(1) : T(0), num.data(), dv1);
-      for (int r = 0; r < n; ++r) {
-        T& z = num[static_cast<size_t>(r) * dv1 + dv];
-        z = (s0 != nullptr ? z : T(0)) + rowsum[r];
-      }
-      normalize_rows(num.data(), n, dv, out + static_cast<int64_t>(r0) * ld, den ? den + r0 : nullptr, ld);
-    }
-    return;
-  }
-
-  // Linear form, with the state S_aug in st.
-  const int c = causal ? plan.chunk : std::max(1, std::min<int>(plan.chunk, std::max(lq, lk)));
-  FeatureScratch<T> fs(c, d, m);
-  std::vector<T> vscratch(pad ? static_cast<size_t>(c) * dv : 0), num(static_cast<size_t>(c) * dv1),
-      rowsum(c), sblk(causal ? static_cast<size_t>(c) * c : 0);
-  std::vector<T> local_state;
-  T* st = s_out;
-  if (st == nullptr) {
-    local_state.resize(static_cast<size_t>(m) * dv1);
-    st = local_state.data();
-  }
-  if (s0 == nullptr) {
-    std::fill(st, st + static_cast<int64_t>(m) * dv1, T(0));
-  } else if (s0 != st) {
-    std::copy(s0, s0 + static_cast<int64_t>(m) * dv1, st);
-  }
-  auto add_keys = [&](int r0, int n) {  // S_aug += phi(K)^T [V | 1] over n keys starting at r0
-    keys_into_state(fm, k + static_cast<int64_t>(r0) * d, v + static_cast<int64_t>(r0) * ld,
-                    pad ? pad + r0 : nullptr, n, dv, ld, st, fs, vscratch.data());
-  };
-
-  if (!causal) {
-    for (int r0 = 0; r0 < lk; r0 += c) add_keys(r0, std::min(c, lk - r0));  // state over all keys
-    for (int r0 = 0; r0 < lq; r0 += c) {
-      const int n = std::min(c, lq - r0);
-      queries_read_state(fm, q + static_cast<int64_t>(r0) * d, n, dv, st, num.data(), false, fs);
-      normalize_rows(num.data(), n, dv, out + static_cast<int64_t>(r0) * ld, den ? den + r0 : nullptr, ld);
-    }
-    return;
-  }
-
-  // End-aligned causal: the first `off` keys are seen by every query, i.e. they are a prefix state.
-  for (int r0 = 0; r0 < off; r0 += c) add_keys(r0, std::min(c, off - r0));
-  bool state_nonzero = s0 != nullptr || off > 0;
-  for (int r0 = 0; r0 < lq; r0 += c) {
-    const int n = std::min(c, lq - r0);
-    const T* qc = q + static_cast<int64_t>(r0) * d;
-    const T* kc = k + static_cast<int64_t>(off + r0) * d;
-    const bool* pc = pad ? pad + off + r0 : nullptr;
-    if (state_nonzero) queries_read_state(fm, qc, n, dv, st, num.data(), false, fs);  // inter-chunk: phi(Q_c) S_aug
-    gemm<T>(false, true, n, n, d, tscale, qc, d, kc, d, T(0), sblk.data(), n);         // intra-chunk
-    poly_rows(sblk.data(), n, n, n, 0, pc, rowsum.data());
-    int ldv = ld;
-    const T* vc = key_values(v + static_cast<int64_t>(off + r0) * ld, pc, n, dv, &ldv, vscratch.data());
-    gemm<T>(false, false, n, dv, n, T(1), sblk.data(), n, vc, ldv, state_nonzero ? T(1) : T(0), num.data(), dv1);
-    for (int r = 0; r < n; ++r) {
-      T& zr = num[static_cast<size_t>(r) * dv1 + dv];
-      zr = (state_nonzero ? zr : T(0)) + rowsum[r];
-    }
-    normalize_rows(num.data(), n, dv, out + static_cast<int64_t>(r0) * ld, den ? den + r0 : nullptr, ld);
-    if (r0 + n < lq || s_out != nullptr) {  // S_aug += phi(K_c)^T [V_c | 1]
-      add_keys(off + r0, n);
-      state_nonzero = true;
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Backward building blocks. With G_i = [dO_i / Z_i | -delta_i] (delta_i = dO_i . out_i / Z_i) and [v_j | 1]:
-//   dw_ij = G_i . [v_j | 1];  in the linear form, for a state S_aug the queries read and a state R_aug of queries
-//   the keys feed:  dq_i += J_phi(q_i)^T (S_aug G_i),  R_aug += phi(q_i) G_i^T,
-//                   dk_j += J_phi(k_j)^T (R_aug [v_j | 1]),  dv_j += phi(k_j)^T R_aug[:, :Dv]   (padded keys: 0).
-
-// G of lq queries (an lq x (Dv+1) buffer) for the value columns [c0, c0 + dv) of rows ld apart; delta sums over
-// all ld columns and is carried by the block with `norm` (the others get a 0 normalizer column).
-template <typename T>
-void build_gaug(const T* g, const T* out, const T* den, int lq, int dv, int ld, int c0, bool norm, T* gaug) {
-  const int dv1 = dv + 1;
-  for (int i = 0; i < lq; ++i) {
-    const T z = den[i];
-    const T inv = z != T(0) ? T(1) / z : T(0);
-    const T* gi = g + static_cast<int64_t>(i) * ld;
-    const T* oi = out + static_cast<int64_t>(i) * ld;
-    T* gr = gaug + static_cast<int64_t>(i) * dv1;
-    T delta = T(0);
-    if (norm) {
-      for (int c = 0; c < ld; ++c) delta += gi[c] * oi[c];
-    }
-    for (int c = 0; c < dv; ++c) gr[c] = gi[c0 + c] * inv;
-    gr[dv] = -delta * inv;
-  }
-}
-
-// S_aug += phi(K)^T [V | one] over n keys (the backward's form: one GEMM over Dv + 1 columns; vaug: n x (Dv+1)).
-template <typename T>
-void keys_into_state_aug(const FeatureMap<T>& fm, const T* k, const T* v, const bool* pad, int n, int dv, int ld,
-                         T one, T* st, FeatureScratch<T>& fs, T* vaug) {
-  const int dv1 = dv + 1;
-  fm.features(k, n, fs.xt.data(), fs.phi.data());
-  build_value_aug(v, pad, n, dv, vaug, ld, one);
-  gemm<T>(false, false, fm.m, dv1, n, T(1), fs.phi.data(), n, vaug, dv1, T(1), st, dv1);
-}
-
-// For n queries q with G rows gaug: dq += J_phi(Q)^T (S_aug G^T) when s_aug is given, and R_aug += phi(Q)^T G when
-// r_aug is (u: an m x n scratch).
-template <typename T>
-void queries_against_state(const FeatureMap<T>& fm, const T* q, const T* gaug, int n, int dv, const T* s_aug,
-                           T* dq, T* r_aug, FeatureScratch<T>& fs, T* u) {
-  const int dv1 = dv + 1, m = fm.m;
-  if (r_aug != nullptr) {
-    fm.features(q, n, fs.xt.data(), fs.phi.data());
+    forward_quadratic(q, k, v, pad, out, den, s, causal, scale, plan, s0, ld);
   } else {
-    fm.transpose_in(q, n, fs.xt.data());  // J_phi needs x only
+    forward_chunked(q, k, v, pad, out, den, s, causal, scale, plan, s0, s_out, ld);
   }
-  if (s_aug != nullptr) {
-    gemm<T>(false, true, m, n, dv1, T(1), s_aug, dv1, gaug, dv1, T(0), u, n);
-    fm.backprop(fs.xt.data(), u, n, fs.gt.data(), dq);
-  }
-  if (r_aug != nullptr) gemm<T>(false, false, m, dv1, n, T(1), fs.phi.data(), n, gaug, dv1, T(1), r_aug, dv1);
-}
-
-// For n keys k / v (rows ld apart, `one` in the normalizer column): dk += J_phi(K)^T (R_aug [V | one]^T) and
-// dv += phi(K)^T R_aug[:, :Dv] (dv rows ld apart); padded keys get nothing.
-template <typename T>
-void keys_against_state(const FeatureMap<T>& fm, const T* k, const T* v, const bool* pad, int n, int dv, int ld,
-                        T one, const T* r_aug, T* dk, T* dv_out, FeatureScratch<T>& fs, T* vaug, T* u) {
-  const int dv1 = dv + 1, m = fm.m;
-  fm.features(k, n, fs.xt.data(), fs.phi.data());
-  zero_padded_columns(fs.phi.data(), m, n, pad);
-  build_value_aug(v, pad, n, dv, vaug, ld, one);
-  gemm<T>(true, false, n, dv, m, T(1), fs.phi.data(), n, r_aug, dv1, T(1), dv_out, ld);
-  gemm<T>(false, true, m, n, dv1, T(1), r_aug, dv1, vaug, dv1, T(0), u, n);
-  fm.backprop(fs.xt.data(), u, n, fs.gt.data(), dk);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -310,117 +119,15 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
                   int c0 = 0, bool norm = true) {
   const int d = static_cast<int>(s.d), dv = static_cast<int>(s.dv), dv1 = dv + 1;
   if (ld < 0) ld = dv;
-  const FeatureMap<T> fm(d, scale);
-  const int m = fm.m;
-  const T tscale = static_cast<T>(scale);
   const int lq = static_cast<int>(s.lq), lk = static_cast<int>(s.lk);
-  const T one = norm ? T(1) : T(0);  // the normalizer column of [v | 1]: 0 in blocks without it
   v += c0;
   dv_out += c0;
   std::vector<T> gaug(static_cast<size_t>(lq) * dv1);
   build_gaug(g, out, den, lq, dv, ld, c0, norm, gaug.data());
-
-  const int off = causal ? lk - lq : 0;  // end-aligned causal: query i sees the keys j <= i + off
   if (plan.quadratic) {
-    const int c = std::min(plan.chunk, lq);
-    std::vector<T> vaug(static_cast<size_t>(lk) * dv1), sblk(static_cast<size_t>(c) * lk),
-        dp(static_cast<size_t>(c) * lk);
-    build_value_aug(v, pad, lk, dv, vaug.data(), ld, one);
-    for (int r0 = 0; r0 < lq; r0 += c) {
-      const int n = std::min(c, lq - r0);
-      const int kend = causal ? std::min(lk, r0 + n + off) : lk;  // the keys this block of queries sees
-      const T* qc = q + static_cast<int64_t>(r0) * d;
-      const T* gc = gaug.data() + static_cast<int64_t>(r0) * dv1;
-      gemm<T>(false, true, n, kend, d, tscale, qc, d, k, d, T(0), sblk.data(), lk);
-      gemm<T>(false, true, n, kend, dv1, T(1), gc, dv1, vaug.data(), dv1, T(0), dp.data(), lk);
-      for (int i = 0; i < n; ++i) {
-        T* srow = sblk.data() + static_cast<int64_t>(i) * lk;
-        T* drow = dp.data() + static_cast<int64_t>(i) * lk;
-        const int end = causal ? std::min(kend, r0 + i + off + 1) : kend;
-        for (int j = 0; j < end; ++j) {
-          drow[j] *= T(1) + srow[j];  // dS
-          srow[j] = poly(srow[j]);    // P
-        }
-        std::fill(srow + end, srow + kend, T(0));
-        std::fill(drow + end, drow + kend, T(0));
-      }
-      gemm<T>(false, false, n, d, kend, tscale, dp.data(), lk, k, d, T(1), dq + static_cast<int64_t>(r0) * d, d);
-      gemm<T>(true, false, kend, d, n, tscale, dp.data(), lk, qc, d, T(1), dk, d);
-      gemm<T>(true, false, kend, dv, n, T(1), sblk.data(), lk, gc, dv1, T(1), dv_out, ld);
-    }
-  } else if (!causal) {
-    const int c = std::min<int>(plan.chunk, std::max(lq, lk));
-    FeatureScratch<T> fs(c, d, m);
-    std::vector<T> vaug(static_cast<size_t>(c) * dv1), u(static_cast<size_t>(c) * m),
-        saug(static_cast<size_t>(m) * dv1, T(0)), raug(static_cast<size_t>(m) * dv1, T(0));
-    for (int r0 = 0; r0 < lk; r0 += c)  // S_aug over keys
-      keys_into_state_aug(fm, k + static_cast<int64_t>(r0) * d, v + static_cast<int64_t>(r0) * ld,
-                          pad ? pad + r0 : nullptr, std::min(c, lk - r0), dv, ld, one, saug.data(), fs, vaug.data());
-    for (int r0 = 0; r0 < lq; r0 += c)  // dq, and R_aug over queries
-      queries_against_state(fm, q + static_cast<int64_t>(r0) * d, gaug.data() + static_cast<int64_t>(r0) * dv1,
-                            std::min(c, lq - r0), dv, saug.data(), dq + static_cast<int64_t>(r0) * d, raug.data(), fs,
-                            u.data());
-    for (int r0 = 0; r0 < lk; r0 += c)  // dk, dv
-      keys_against_state(fm, k + static_cast<int64_t>(r0) * d, v + static_cast<int64_t>(r0) * ld,
-                         pad ? pad + r0 : nullptr, std::min(c, lk - r0), dv, ld, one, raug.data(),
-                         dk + static_cast<int64_t>(r0) * d, dv_out + static_cast<int64_t>(r0) * ld, fs, vaug.data(),
-                         u.data());
+    backward_quadratic(gaug.data(), q, k, v, pad, dq, dk, dv_out, s, causal, scale, plan, ld, norm);
   } else {
-    const int c = plan.chunk;
-    FeatureScratch<T> fs(c, d, m);
-    std::vector<T> vaug(static_cast<size_t>(c) * dv1), u(static_cast<size_t>(c) * m),
-        sblk(static_cast<size_t>(c) * c), dp(static_cast<size_t>(c) * c), aug(static_cast<size_t>(m) * dv1, T(0));
-    // End-aligned (off > 0): the first `off` keys, seen by every query, start the S_aug prefix; in pass 2 they
-    // take their gradients from the R_aug of all queries.
-    auto key_grads = [&](int r0, int n) {  // dk, dv of n keys at r0 from the R_aug in `aug`
-      keys_against_state(fm, k + static_cast<int64_t>(r0) * d, v + static_cast<int64_t>(r0) * ld,
-                         pad ? pad + r0 : nullptr, n, dv, ld, one, aug.data(), dk + static_cast<int64_t>(r0) * d,
-                         dv_out + static_cast<int64_t>(r0) * ld, fs, vaug.data(), u.data());
-    };
-    for (int r0 = 0; r0 < off; r0 += c)
-      keys_into_state_aug(fm, k + static_cast<int64_t>(r0) * d, v + static_cast<int64_t>(r0) * ld,
-                          pad ? pad + r0 : nullptr, std::min(c, off - r0), dv, ld, one, aug.data(), fs, vaug.data());
-    // Pass 1, forward over chunks: intra-chunk gradients and dq's inter-chunk part (S_aug prefix in `aug`).
-    for (int r0 = 0; r0 < lq; r0 += c) {
-      const int n = std::min(c, lq - r0);
-      const T* qc = q + static_cast<int64_t>(r0) * d;
-      const T* kc = k + static_cast<int64_t>(off + r0) * d;
-      const T* gc = gaug.data() + static_cast<int64_t>(r0) * dv1;
-      T* dqc = dq + static_cast<int64_t>(r0) * d;
-      if (r0 > 0 || off > 0) queries_against_state(fm, qc, gc, n, dv, aug.data(), dqc, static_cast<T*>(nullptr), fs, u.data());
-      build_value_aug(v + static_cast<int64_t>(off + r0) * ld, pad ? pad + off + r0 : nullptr, n, dv, vaug.data(), ld, one);
-      gemm<T>(false, true, n, n, d, tscale, qc, d, kc, d, T(0), sblk.data(), n);
-      gemm<T>(false, true, n, n, dv1, T(1), gc, dv1, vaug.data(), dv1, T(0), dp.data(), n);
-      for (int i = 0; i < n; ++i) {
-        T* srow = sblk.data() + static_cast<int64_t>(i) * n;
-        T* drow = dp.data() + static_cast<int64_t>(i) * n;
-        for (int j = 0; j <= i; ++j) {
-          drow[j] *= T(1) + srow[j];
-          srow[j] = poly(srow[j]);
-        }
-        std::fill(srow + i + 1, srow + n, T(0));
-        std::fill(drow + i + 1, drow + n, T(0));
-      }
-      const int64_t kr = off + r0;  // the chunk's keys
-      gemm<T>(false, false, n, d, n, tscale, dp.data(), n, kc, d, T(1), dqc, d);
-      gemm<T>(true, false, n, d, n, tscale, dp.data(), n, qc, d, T(1), dk + kr * d, d);
-      gemm<T>(true, false, n, dv, n, T(1), sblk.data(), n, gc, dv1, T(1), dv_out + kr * ld, ld);
-      if (r0 + n < lq) {  // S_aug += phi(K_c)^T [V_c | 1] (vaug already holds the chunk's [V | one])
-        fm.features(kc, n, fs.xt.data(), fs.phi.data());
-        gemm<T>(false, false, m, dv1, n, T(1), fs.phi.data(), n, vaug.data(), dv1, T(1), aug.data(), dv1);
-      }
-    }
-    // Pass 2, backward over chunks: dk's and dv's inter-chunk parts (R_aug suffix in `aug`).
-    std::fill(aug.begin(), aug.end(), T(0));
-    const int last = ((lq - 1) / c) * c;
-    for (int r0 = last; r0 >= 0; r0 -= c) {
-      const int n = std::min(c, lq - r0);
-      if (r0 < last) key_grads(off + r0, n);
-      if (r0 > 0 || off > 0)
-        queries_against_state(fm, q + static_cast<int64_t>(r0) * d, gaug.data() + static_cast<int64_t>(r0) * dv1, n,
-                              dv, static_cast<const T*>(nullptr), static_cast<T*>(nullptr), aug.data(), fs, u.data());
-    }
-    for (int r0 = 0; r0 < off; r0 += c) key_grads(r0, std::min(c, off - r0));
+    backward_chunked(gaug.data(), q, k, v, pad, dq, dk, dv_out, s, causal, scale, plan, ld, norm);
   }
   if (pad != nullptr) {  // padded keys get no gradient
     for (int j = 0; j < lk; ++j) {
@@ -428,44 +135,6 @@ void backward_one(const T* g, const T* q, const T* k, const T* v, const bool* pa
       std::fill(dk + static_cast<int64_t>(j) * d, dk + static_cast<int64_t>(j + 1) * d, T(0));
       std::fill(dv_out + static_cast<int64_t>(j) * ld, dv_out + static_cast<int64_t>(j) * ld + dv, T(0));
     }
-  }
-}
-
-// One decoding step of one (b, key/value head) in a single pass over the state: read the old row, write the new
-// one (kv' = kv + phi(k) v^T, z' = z + phi(k)) and accumulate out_g = phi(q_g)^T kv' / phi(q_g)^T z' for the
-// `group` query heads that share the key/value head (fq: group x m, o: group x dv, z: group scratch).
-template <typename T>
-LA_SIMD_CLONES void step_one(const T* __restrict__ s_old, T* __restrict__ s_new, const T* __restrict__ z_old,
-                             T* __restrict__ z_new, const T* __restrict__ fq, int group, const T* __restrict__ fk,
-                             const T* __restrict__ vr, int m, int dv, T* __restrict__ o, T* __restrict__ z) {
-  std::fill(o, o + static_cast<int64_t>(group) * dv, T(0));
-  std::fill(z, z + group, T(0));
-  for (int f = 0; f < m; ++f) {
-    const T* __restrict__ src = s_old + static_cast<int64_t>(f) * dv;
-    T* __restrict__ dst = s_new + static_cast<int64_t>(f) * dv;
-    const T a = fk[f];
-    z_new[f] = z_old[f] + a;
-    if (group == 1) {  // one pass: the new row is written and read in the same loop
-      const T w = fq[f];
-      for (int c = 0; c < dv; ++c) {
-        const T val = src[c] + a * vr[c];
-        dst[c] = val;
-        o[c] += w * val;
-      }
-      z[0] += w * z_new[f];
-      continue;
-    }
-    for (int c = 0; c < dv; ++c) dst[c] = src[c] + a * vr[c];
-    for (int g = 0; g < group; ++g) {  // the new row is still in L1
-      const T w = fq[static_cast<int64_t>(g) * m + f];
-      T* __restrict__ og = o + static_cast<int64_t>(g) * dv;
-      for (int c = 0; c < dv; ++c) og[c] += w * dst[c];
-      z[g] += w * z_new[f];
-    }
-  }
-  for (int g = 0; g < group; ++g) {
-    const T inv = z[g] != T(0) ? T(1) / z[g] : T(0);
-    for (int c = 0; c < dv; ++c) o[static_cast<int64_t>(g) * dv + c] *= inv;
   }
 }
 
