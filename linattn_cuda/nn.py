@@ -45,27 +45,25 @@ class TaylorAttentionCache(NamedTuple):
     frozen: bool
 
 
-def context_state(k: torch.Tensor, v: torch.Tensor, *, scale: float, key_padding_mask=None) -> TaylorState:
+def context_state(k: torch.Tensor, v: torch.Tensor, *, scale: float, key_padding_mask=None, backend: str = "auto") -> TaylorState:
     """The Taylor state of a whole context: ``kv = sum_j phi(k_j) v_j^T``, ``k_sum = sum_j phi(k_j)``.
 
-    ``k [B, H, L, D]``, ``v [B, H, L, Dv]``; padded keys (``key_padding_mask [B, L]`` True) are left out.
-    """
-    acc = accumulate_dtype(k.dtype)
-    k, v = zero_padded_keys(k.to(acc), v.to(acc), key_padding_mask)
-    fk = taylor_feature_map(k, scale)
-    if key_padding_mask is not None:
-        fk = fk * (~key_padding_mask).to(acc)[:, None, :, None]  # phi(0) = [1, 0, ...]: drop the constant too
-    return TaylorState(torch.matmul(fk.transpose(-1, -2), v), fk.sum(-2))
+    ``k [B, H, L, D]``, ``v [B, H, L, Dv]``; padded keys (``key_padding_mask [B, L]`` True) are left out. The fused
+    kernels' state of keys alone (a call without queries)."""
+    q = k.new_empty(k.shape[0], k.shape[1], 0, k.shape[-1])
+    _, state = taylor_attention(q, k, v, scale=scale, key_padding_mask=key_padding_mask, return_state=True,
+                                backend=backend)
+    return state
 
 
-def _read_state(q: torch.Tensor, state: TaylorState, scale: float) -> torch.Tensor:
-    """``phi(q)^T kv / phi(q)^T k_sum`` for ``q [B, H, D]`` (0 where the state is empty)."""
-    fq = taylor_feature_map(q.to(state.kv.dtype), scale)
-    num = torch.einsum("bhm,bhmv->bhv", fq, repeat_kv(state.kv, q.shape[1]))  # a GQA state has Hkv heads
-    den = torch.einsum("bhm,bhm->bh", fq, repeat_kv(state.k_sum, q.shape[1]))
-    ok = den != 0
-    out = num / torch.where(ok, den, torch.ones_like(den)).unsqueeze(-1)
-    return torch.where(ok.unsqueeze(-1), out, torch.zeros_like(out)).to(q.dtype)
+def _read_state(q: torch.Tensor, state: TaylorState, scale: float, backend: str = "auto") -> torch.Tensor:
+    """``phi(q)^T kv / phi(q)^T k_sum`` for ``q [B, H, D]`` (0 where the state is empty; a GQA state has Hkv heads):
+    the fused kernels' attention of one query to a state and no key."""
+    b, hk, m, dv = state.kv.shape
+    k = q.new_empty(b, hk, 0, q.shape[-1])
+    out = taylor_attention(q.unsqueeze(2), k, q.new_empty(b, hk, 0, dv), scale=scale, initial_state=state,
+                           enable_gqa=hk != q.shape[1], backend=backend)
+    return out[:, :, 0]
 
 
 class TaylorAttention(nn.Module):
@@ -156,7 +154,9 @@ class TaylorAttention(nn.Module):
             )
             return TaylorAttentionCache(state, frozen=False)
         k, v = self._heads(self.key(context), self.num_kv_heads), self._heads(self.value(context), self.num_kv_heads)
-        return TaylorAttentionCache(context_state(k, v, scale=self.scale, key_padding_mask=key_padding_mask), frozen=True)
+        return TaylorAttentionCache(
+            context_state(k, v, scale=self.scale, key_padding_mask=key_padding_mask, backend=self.backend), frozen=True
+        )
 
     def step(self, x: torch.Tensor, cache: TaylorAttentionCache):
         """One decoding step: ``x [B, 1, E]`` (or ``[B, E]``) -> ``(out of x's shape, new cache)``."""
@@ -167,7 +167,7 @@ class TaylorAttention(nn.Module):
             raise ValueError(f"x must have shape [B, 1, E] or [B, E], got {tuple(x.shape)}")
         q = self._heads(self.query(x))[:, :, 0]
         if cache.frozen:
-            out, new = _read_state(q, cache.state, self.scale), cache
+            out, new = _read_state(q, cache.state, self.scale, self.backend), cache
         else:
             hk = self.num_kv_heads
             k, v = self._heads(self.key(x), hk)[:, :, 0], self._heads(self.value(x), hk)[:, :, 0]
