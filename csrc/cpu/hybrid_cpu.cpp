@@ -28,7 +28,7 @@
 // Accumulation in float32 (float64 for float64 inputs); the output takes the input dtype.
 //
 // Backward (recompute; nothing of the band is stored). With G_i = [dO_i | -delta_i], delta_i = dO_i . out_i and
-// DP_ij = G_i . [v_j | 1] = dO_i . v_j - delta_i, the normalized weight a_ij = w_ij / Z_i is exp(s_ij - lse_i)
+// DP_ij = G_i . [v_j | 1] = dO_i . v_j - delta_i (the quadratic blocks take dO_i . v_j from a Dv-wide GEMM), the normalized weight a_ij = w_ij / Z_i is exp(s_ij - lse_i)
 // inside the window and fw e^(-lse_i) poly(s_ij) outside, and
 //   dv_j = sum_i a_ij dO_i,   dS_ij = a_ij DP_ij (inside) or fw e^(-lse_i) (1 + s_ij) DP_ij (outside),
 //   dq = scale dS K,   dk = scale dS^T Q.
@@ -248,18 +248,18 @@ LA_SIMD_CLONES T poly_weights(T* __restrict__ row, const uint8_t* pad, int64_t b
   return acc;
 }
 
-// Backward of one row segment, with s = row (logits) and dp = DP. Inside the window: a = exp(s - lse), dS = a dp,
-// returning sum dS (the window's share of the far weight's gradient); outside it (far_grads, coef = fw e^(-lse)):
-// a = coef poly(s), dS = coef (1 + s) dp. row <- a, dp <- dS, 0 on padded columns.
+// Backward of one row segment, with s = row (logits) and dp = dO_i . v_j (minus delta_i gives DP). Inside the window:
+// a = exp(s - lse), dS = a DP, returning sum dS (the window's share of the far weight's gradient); outside it
+// (far_grads, coef = fw e^(-lse)): a = coef poly(s), dS = coef (1 + s) DP. row <- a, dp <- dS, 0 on padded columns.
 template <typename T>
 LA_SIMD_CLONES T window_grads(T* __restrict__ row, T* __restrict__ dp, const uint8_t* pad, int64_t begin, int64_t end,
-                              T lse) {
+                              T lse, T delta) {
   T acc = T(0);
   if (pad == nullptr) {
 #pragma omp simd reduction(+ : acc)
     for (int64_t j = begin; j < end; ++j) {
       const T a = exp_nonpositive(row[j] - lse);
-      const T ds = a * dp[j];
+      const T ds = a * (dp[j] - delta);
       row[j] = a;
       dp[j] = ds;
       acc += ds;
@@ -268,7 +268,7 @@ LA_SIMD_CLONES T window_grads(T* __restrict__ row, T* __restrict__ dp, const uin
 #pragma omp simd reduction(+ : acc)
     for (int64_t j = begin; j < end; ++j) {
       const T a = exp_nonpositive(row[j] - lse) * static_cast<T>(1 - pad[j]);
-      const T ds = a * dp[j];
+      const T ds = a * (dp[j] - delta);
       row[j] = a;
       dp[j] = ds;
       acc += ds;
@@ -279,13 +279,13 @@ LA_SIMD_CLONES T window_grads(T* __restrict__ row, T* __restrict__ dp, const uin
 
 template <typename T>
 LA_SIMD_CLONES void far_grads(T* __restrict__ row, T* __restrict__ dp, const uint8_t* pad, int64_t begin, int64_t end,
-                              T coef) {
+                              T coef, T delta) {
   if (pad == nullptr) {
 #pragma omp simd
     for (int64_t j = begin; j < end; ++j) {
       const T s = row[j];
       row[j] = coef * poly(s);
-      dp[j] = coef * (T(1) + s) * dp[j];
+      dp[j] = coef * (T(1) + s) * (dp[j] - delta);
     }
   } else {
 #pragma omp simd
@@ -293,7 +293,7 @@ LA_SIMD_CLONES void far_grads(T* __restrict__ row, T* __restrict__ dp, const uin
       const T s = row[j];
       const T c = coef * static_cast<T>(1 - pad[j]);
       row[j] = c * poly(s);
-      dp[j] = c * (T(1) + s) * dp[j];
+      dp[j] = c * (T(1) + s) * (dp[j] - delta);
     }
   }
 }
@@ -492,7 +492,7 @@ T backward_head(const Head<T>& hd, const T* g, const T* out, const T* lse, T* dq
     const bool has_far = valid.first <= i - br.window || (!br.causal && valid.last >= i + br.window);
     fscale[i] = far_scale(has_far, hd.fw, lse[i]);
   }
-  std::vector<T> gscaled(c * dv1), sblk(c * max_keys), dpb(c * max_keys), vq(max_keys * dv1);
+  std::vector<T> gscaled(c * dv1), sblk(c * max_keys), dpb(c * max_keys);
   std::vector<T> keys_before(m * dv1, T(0)), queries_after(m * dv1, T(0));
   std::vector<T> keys_after(br.causal ? 0 : m * dv1, T(0)), queries_before(br.causal ? 0 : m * dv1, T(0));
 
@@ -547,17 +547,17 @@ T backward_head(const Head<T>& hd, const T* g, const T* out, const T* lse, T* dq
     const uint8_t* kp8 = reinterpret_cast<const uint8_t*>(kp);
     const T* qb = hd.q + r0 * d;
     const T* kb = hd.k + k0 * d;
-    build_value_aug(hd.v + k0 * dv, kp, static_cast<int>(nk), static_cast<int>(dv), vq.data());
     gemm<T>(false, true, n, nk, d, tscale, qb, d, kb, d, T(0), sblk.data(), nk);
-    gemm<T>(false, true, n, nk, dv1, T(1), gaug.data() + r0 * dv1, dv1, vq.data(), dv1, T(0), dpb.data(), nk);
+    gemm<T>(false, true, n, nk, dv, T(1), g + r0 * dv, dv, hd.v + k0 * dv, dv, T(0), dpb.data(), nk);  // dO . v
     for (int64_t r = 0; r < n; ++r) {
       const int64_t i = r0 + r;
       T* row = sblk.data() + r * nk;
       T* dp = dpb.data() + r * nk;
       const RowSplit sp = split_row(i, k0, nk, br.window, br.causal);
-      window_sum += window_grads(row, dp, kp8, sp.band_begin, sp.band_end, lse[i]);
-      far_grads(row, dp, kp8, 0, sp.far_end, fscale[i]);
-      far_grads(row, dp, kp8, sp.far_begin, nk, fscale[i]);
+      const T delta = -gaug[i * dv1 + dv];
+      window_sum += window_grads(row, dp, kp8, sp.band_begin, sp.band_end, lse[i], delta);
+      far_grads(row, dp, kp8, 0, sp.far_end, fscale[i], delta);
+      far_grads(row, dp, kp8, sp.far_begin, nk, fscale[i], delta);
       if (br.causal) {
         std::fill(row + sp.band_end, row + nk, T(0));
         std::fill(dp + sp.band_end, dp + nk, T(0));
