@@ -245,6 +245,24 @@ def test_argument_errors():
             hybrid_attention_prefill(qg, kg, vg, window=4, backend="cpu")
 
 
+def test_auto_never_falls_back_silently(monkeypatch):
+    """When the fused backend "auto" picks cannot serve a call, the error says why and names the alternatives
+    instead of running the blocked PyTorch path."""
+    from linattn_cuda.ops.hybrid import functions
+
+    real = functions._unavailable
+    monkeypatch.setattr(functions, "_unavailable",
+                        lambda name, q: "not built (simulated)" if name == "cpu" else real(name, q))
+    q, k, v, _ = inputs(1, 1, 1, 8, 4, 4, seed=2)
+    with pytest.raises(RuntimeError, match=r"backend 'cpu' \(chosen by backend='auto' for cpu tensors\).*"
+                                           r"not built \(simulated\).*backend='reference'"):
+        hybrid_attention(q, k, v, window=3)
+    with pytest.raises(RuntimeError, match="not built"):
+        hybrid_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], la.empty_hybrid_cache(1, 1, 4, 4, 3))
+    torch.testing.assert_close(hybrid_attention(q, k, v, window=3, backend="reference"),
+                               reference(q, k, v, window=3).float())
+
+
 def test_empty_inputs():
     for L in (0,):
         q, k, v, _ = inputs(2, 2, 2, L, 4, 3, seed=1)
