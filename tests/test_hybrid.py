@@ -239,6 +239,10 @@ def test_argument_errors():
         hybrid_attention(q, k, v, window=4, backend="cuda")
     with pytest.raises(ValueError, match="enable_gqa"):
         hybrid_attention(q.expand(1, 2, 8, 4), k, v, window=4)
+    with pytest.raises(TypeError, match="cache must be a HybridCache"):
+        hybrid_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], la.empty_state(1, 1, 4, 4))
+    with pytest.raises(ValueError, match=r"state.kv must have shape \[1, 1, 15, 4\]"):
+        hybrid_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], la.empty_hybrid_cache(2, 1, 4, 4, 3))
     if HAS_CPU:
         qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
         with pytest.raises(RuntimeError, match="inference-only"):

@@ -201,8 +201,10 @@ def hybrid_attention_step(
     from ..problem import check_step_inputs
     from ..taylor.naive import TaylorState
 
-    check_step_inputs(q, k, v, TaylorState(*cache.state) if isinstance(cache, HybridCache) else cache,
-                      enable_gqa=enable_gqa)
+    if not isinstance(cache, HybridCache):
+        raise TypeError(f"cache must be a HybridCache (from hybrid_attention_prefill or empty_hybrid_cache), "
+                        f"got {type(cache).__name__}")
+    check_step_inputs(q, k, v, TaylorState(*cache.state), enable_gqa=enable_gqa)
     cache = check_cache(cache, q, k, v)
     b = q.shape[0]
     if key_padding_mask is not None:
