@@ -6,7 +6,10 @@ Times causal forward and forward+backward of ``hybrid_attention`` (softmax in a 
 ``--backend``, default the fused cpu kernel), ``taylor_attention`` (same backend) and
 ``F.scaled_dot_product_attention`` (causal, the default backend) at B=1, H=4, D=16, Dv=64 (the head shape of
 bench.scaling), fp32. The calls are interleaved (every implementation once per round, ``--repeats`` rounds after a
-warm-up) and the median is kept, so that a shared machine's load drifts into all of them alike. Also records the
+warm-up) and the median is kept, so that a shared machine's load drifts into all of them alike. Besides wall time
+it records the process's CPU time per call: with one thread (``--threads 1``) that is the work itself, unaffected
+by waiting for a core on a loaded machine (wall times there favour short calls, which find a free core more often,
+and inflate fitted exponents). SDPA is timed up to ``--sdpa-max-length``. Also records the
 bytes each implementation saves for its backward (saved-tensor hooks, distinct storages; q, k, v included) and the
 machine load (1-minute load average) before and after. Fits ``t ~ L^p`` over the lengths and writes
 ``bench/results/hybrid_scaling.{json,md,png}``.
@@ -66,7 +69,8 @@ def saved_bytes(fn, q, k, v) -> int:
     return sum(seen.values())
 
 
-def run(device: str, lengths, window: int, backend: str, repeats: int, batch: int, heads: int, d: int, dv: int):
+def run(device: str, lengths, window: int, backend: str, repeats: int, batch: int, heads: int, d: int, dv: int,
+        sdpa_max_length: int = 1 << 62):
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     rows, memory = [], []
@@ -78,6 +82,8 @@ def run(device: str, lengths, window: int, backend: str, repeats: int, batch: in
         grad = torch.randn(batch, heads, length, dv, generator=gen).to(dev)
         calls = {}
         for name, fn in impls.items():
+            if name == "softmax_sdpa" and length > sdpa_max_length:
+                continue
             leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
 
             def fwd(fn=fn):
@@ -90,19 +96,21 @@ def run(device: str, lengths, window: int, backend: str, repeats: int, batch: in
             calls[(name, "fwd")], calls[(name, "fwdbwd")] = fwd, fwdbwd
             memory.append({"impl": name, "length": length, "saved_mib": saved_bytes(fn, q, k, v) / 2**20})
         times = {key: [] for key in calls}
+        cpu = {key: [] for key in calls}
         for key, call in calls.items():  # warm-up
             call()
             sync()
         for _ in range(repeats):
             for key, call in calls.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 call()
                 sync()
                 times[key].append(time.perf_counter() - t0)
+                cpu[key].append(time.process_time() - c0)
         for (name, mode), ts in times.items():
-            ms = statistics.median(ts) * 1e3
-            rows.append({"impl": name, "mode": mode, "length": length, "ms": ms})
-            print(f"L={length:6d} {name:24s} {mode:7s} {ms:9.2f} ms", flush=True)
+            ms, cpu_ms = statistics.median(ts) * 1e3, statistics.median(cpu[(name, mode)]) * 1e3
+            rows.append({"impl": name, "mode": mode, "length": length, "ms": ms, "cpu_ms": cpu_ms})
+            print(f"L={length:6d} {name:24s} {mode:7s} {ms:9.2f} ms wall {cpu_ms:9.2f} ms cpu", flush=True)
     return rows, memory
 
 
@@ -131,22 +139,28 @@ def report(rows, memory, info, args, load) -> str:
         f"B={args.batch}, H={args.heads}, D={args.d}, Dv={args.dv}, fp32, window {args.window}, median of "
         f"{args.repeats} interleaved rounds, milliseconds.{load_txt} Command: `python -m bench.hybrid_scaling "
         f"--device {args.device} --lengths {','.join(map(str, lengths))} --window {args.window} "
-        f"--backend {args.backend} --repeats {args.repeats}" + (f" --threads {args.threads}" if args.threads else "") + "`",
+        f"--backend {args.backend} --repeats {args.repeats} --sdpa-max-length {args.sdpa_max_length}"
+        + (f" --threads {args.threads}" if args.threads else "") + "`",
         "",
     ]
     for mode in MODES:
-        lines += [f"## {mode}", ""] + _table(rows, "ms", impls, lengths, lambda x: f"{x:.2f}", mode) + [""]
-    ratio = []
-    for n in lengths:
-        t = {(r["impl"], r["mode"]): r["ms"] for r in rows if r["length"] == n}
-        if all((i, m) in t for i in (hybrid, taylor) for m in MODES):
-            ratio.append({"length": n, "fwd": t[(hybrid, "fwd")] / t[(taylor, "fwd")],
-                          "fwdbwd": t[(hybrid, "fwdbwd")] / t[(taylor, "fwdbwd")]})
-    if ratio:
-        lines += ["## hybrid / Taylor", "", "| | " + " | ".join(f"L={r['length']}" for r in ratio) + " |",
-                  "|---|" + "---|" * len(ratio),
-                  "| fwd | " + " | ".join(f"{r['fwd']:.2f}" for r in ratio) + " |",
-                  "| fwd+bwd | " + " | ".join(f"{r['fwdbwd']:.2f}" for r in ratio) + " |", ""]
+        lines += [f"## {mode} (wall ms)", ""] + _table(rows, "ms", impls, lengths, lambda x: f"{x:.2f}", mode) + [""]
+    for mode in MODES:
+        lines += [f"## {mode} (process CPU ms)", ""]
+        lines += _table(rows, "cpu_ms", impls, lengths, lambda x: f"{x:.2f}", mode) + [""]
+    for key, clock in (("ms", "wall"), ("cpu_ms", "CPU time")):
+        ratio = []
+        for n in lengths:
+            t = {(r["impl"], r["mode"]): r[key] for r in rows if r["length"] == n}
+            if all((i, m) in t for i in (hybrid, taylor) for m in MODES):
+                ratio.append({"length": n, "fwd": t[(hybrid, "fwd")] / t[(taylor, "fwd")],
+                              "fwdbwd": t[(hybrid, "fwdbwd")] / t[(taylor, "fwdbwd")]})
+        if ratio:
+            lines += [f"## hybrid / Taylor ({clock})", "",
+                      "| | " + " | ".join(f"L={r['length']}" for r in ratio) + " |",
+                      "|---|" + "---|" * len(ratio),
+                      "| fwd | " + " | ".join(f"{r['fwd']:.2f}" for r in ratio) + " |",
+                      "| fwd+bwd | " + " | ".join(f"{r['fwdbwd']:.2f}" for r in ratio) + " |", ""]
     lines += ["## saved for backward (MiB, q, k, v included)", ""]
     lines += _table(memory, "saved_mib", impls, lengths, lambda x: f"{x:.1f}", exponent=False) + [""]
     return "\n".join(lines)
@@ -163,7 +177,9 @@ def plot(rows, memory, path: Path, title: str) -> None:
     for ax, mode in zip(axes[:2], MODES):
         for impl in impls:
             pts = sorted((r["length"], r["ms"]) for r in rows if r["impl"] == impl and r["mode"] == mode)
-            ax.loglog(*zip(*pts), marker="o", label=impl)
+            line, = ax.loglog(*zip(*pts), marker="o", label=f"{impl} (wall)")
+            pts = sorted((r["length"], r["cpu_ms"]) for r in rows if r["impl"] == impl and r["mode"] == mode)
+            ax.loglog(*zip(*pts), marker=".", linestyle="--", color=line.get_color(), label=f"{impl} (CPU time)")
         ax.set(xlabel="sequence length L", ylabel="ms", title=f"causal {mode.replace('fwdbwd', 'forward+backward')}")
         ax.grid(True, which="both", alpha=0.3)
     for impl in impls:
@@ -171,7 +187,7 @@ def plot(rows, memory, path: Path, title: str) -> None:
         axes[2].loglog(*zip(*pts), marker="o", label=impl)
     axes[2].set(xlabel="sequence length L", ylabel="MiB", title="saved for backward")
     axes[2].grid(True, which="both", alpha=0.3)
-    axes[0].legend()
+    axes[0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -190,6 +206,7 @@ def main(argv=None) -> None:
     p.add_argument("--d", type=int, default=16)
     p.add_argument("--dv", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--sdpa-max-length", type=int, default=16384, help="time SDPA up to this length")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--out", default=str(RESULTS / "hybrid_scaling"))
     args = p.parse_args(argv)
@@ -198,7 +215,7 @@ def main(argv=None) -> None:
     lengths = [int(x) for x in args.lengths.split(",") if x]
     load_before = _load()
     rows, memory = run(args.device, lengths, args.window, args.backend, args.repeats, args.batch, args.heads, args.d,
-                       args.dv)
+                       args.dv, args.sdpa_max_length)
     load = (load_before, _load())
     info = machine_info(args.device)
     out = Path(args.out)
