@@ -37,4 +37,27 @@ TORCH_LIBRARY(linattn_cuda, m) {
   // One decoding step: q [B,H,D], k [B,Hkv,D], v [B,Hkv,Dv]; reads the state once and writes the new state once.
   m.def("taylor_step(Tensor q, Tensor k, Tensor v, Tensor kv, Tensor k_sum, float scale) "
         "-> (Tensor out, Tensor kv_out, Tensor k_sum_out)");
+
+  // ---- Hybrid attention (csrc/cpu/hybrid_cpu.cpp, linattn_cuda/ops/hybrid/): exp weights inside a window of
+  // `window` keys (causal: i - W < j <= i; else |i - j| < W), the Taylor weight far_weight[h] (1 + s + s^2/2)
+  // beyond it, one normalizer. Self-attention: q [B,H,L,D], k [B,Hkv,L,D], v [B,Hkv,L,Dv]; far_weight [H] finite
+  // and positive, or None (1). lse [B,H,L] = the log of each row's normalizer (+inf for a row without keys),
+  // float32 (float64 for float64 inputs), saved for the backward.
+  m.def("hybrid_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? far_weight, int window, "
+        "bool causal, float scale) -> (Tensor out, Tensor lse)");
+  // grad_far_weight [H] (zeros when far_weight is None).
+  m.def("hybrid_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? far_weight, "
+        "Tensor out, Tensor lse, int window, bool causal, float scale) "
+        "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_far_weight)");
+  // Causal prefill: the output and the Taylor state (kv [B,Hkv,M,Dv], k_sum [B,Hkv,M]) of the keys
+  // 0 .. L - W, which no later query sees inside its window (the last W - 1 keys go to the ring buffer).
+  m.def("hybrid_prefill(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? far_weight, int window, "
+        "float scale) -> (Tensor out, Tensor kv, Tensor k_sum)");
+  // One decoding step, updating the cache in place: q [B,H,D], k [B,Hkv,D], v [B,Hkv,Dv], key_padding_mask [B]
+  // (True = the new token is padding); ring_k [B,Hkv,W-1,D] / ring_v [B,Hkv,W-1,Dv] (slot p mod (W-1) holds
+  // position p), ring_pad [B,W-1] (True = padding or empty), kv, k_sum (the state of the keys before the ring),
+  // position [B] int64 (tokens seen). Returns out [B,H,Dv].
+  m.def("hybrid_step(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor(a!) ring_k, "
+        "Tensor(b!) ring_v, Tensor(c!) ring_pad, Tensor(d!) kv, Tensor(e!) k_sum, Tensor(f!) position, "
+        "Tensor? far_weight, float scale) -> Tensor");
 }

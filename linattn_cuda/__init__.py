@@ -4,6 +4,8 @@
     out, state = taylor_attention_prefill(q, k, v)        # causal, returns the decoding state
     out_t, state = taylor_attention_step(q_t, k_t, v_t, state)
     out = hybrid_attention(q, k, v, window=64)            # softmax in a window, Taylor beyond it
+    out, cache = hybrid_attention_prefill(q, k, v, window=64)   # causal, returns the decoding cache
+    out_t, cache = hybrid_attention_step(q_t, k_t, v_t, cache)  # updates the cache in place
 """
 from . import nn
 from .ops.taylor import registration as _registration  # noqa: F401  (fake and autograd kernels of torch.ops.linattn_cuda.*)
@@ -17,7 +19,9 @@ from .api import (
 )
 from .ops.dispatch import available_backends, backend_names
 from .feature_map import feature_dim, taylor_feature_map
-from .ops.hybrid.blocked import hybrid_attention
+from .ops.hybrid.cache import HybridCache, empty_hybrid_cache
+from .ops.hybrid.functions import hybrid_attention, hybrid_attention_prefill, hybrid_attention_step, hybrid_backends
+from .ops.hybrid.naive import hybrid_attention_reference
 from .ops.taylor.state import TaylorState, empty_state
 
 __version__ = "0.1.0"
@@ -29,6 +33,12 @@ __all__ = [
     "taylor_attention_varlen",
     "taylor_attention_prefill_varlen",
     "hybrid_attention",
+    "hybrid_attention_prefill",
+    "hybrid_attention_step",
+    "hybrid_attention_reference",
+    "hybrid_backends",
+    "HybridCache",
+    "empty_hybrid_cache",
     "taylor_feature_map",
     "feature_dim",
     "TaylorState",

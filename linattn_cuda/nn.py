@@ -26,7 +26,10 @@ from torch import nn
 
 from .api import taylor_attention, taylor_attention_step
 from .feature_map import resolve_scale, taylor_feature_map
-from .ops.hybrid.blocked import check_window, hybrid_attention
+from .ops.hybrid.cache import HybridCache, empty_hybrid_cache
+from .ops.hybrid.checks import check_window
+from .ops.hybrid.functions import BACKENDS as HYBRID_BACKENDS
+from .ops.hybrid.functions import hybrid_attention, hybrid_attention_prefill, hybrid_attention_step
 from .ops.taylor.naive import repeat_kv, zero_padded_keys
 from .ops.taylor.state import TaylorState, accumulate_dtype, empty_state
 
@@ -180,19 +183,15 @@ class TaylorAttention(nn.Module):
 
 
 class HybridAttentionCache(NamedTuple):
-    """Decoding cache of one :class:`HybridAttention` layer (causal self-attention); its size never grows.
+    """Decoding cache of one :class:`HybridAttention` layer (causal self-attention); its size never grows and
+    ``step`` updates it in place.
 
-    keys, values: [B, H, W, D] / [B, H, W, Dv] ring buffer of the last W keys and values (slot ``t % W`` holds
-                  position ``t``), float32 (float64 for float64 modules).
-    state:        TaylorState of the keys that have left the window.
-    position:     number of tokens seen so far.
-    conv:         [B, conv_size - 1, C] the last projected q/k/v rows of the short convolution (None without one).
+    attn: HybridCache (linattn_cuda.ops.hybrid.cache): ring buffer of the last W - 1 keys and values (Hkv heads),
+          the Taylor state of the keys before them, the position of each row.
+    conv: [B, conv_size - 1, C] the last projected q/k/v rows of the short convolution (None without one).
     """
 
-    keys: torch.Tensor
-    values: torch.Tensor
-    state: TaylorState
-    position: int
+    attn: HybridCache
     conv: Optional[torch.Tensor]
 
 
@@ -213,7 +212,10 @@ class HybridAttention(TaylorAttention):
                      window (initialized to 1), so that a head can learn how much distant context to mix in.
 
     Cross-attention (``context`` given) has no positions to window: it is Taylor attention over the context,
-    with :class:`TaylorAttention`'s cache. Call convention and caches as :class:`TaylorAttention`.
+    with :class:`TaylorAttention`'s cache. Call convention and caches as :class:`TaylorAttention`; besides,
+    ``out, cache = attn.prefill(x, key_padding_mask=None)`` runs a prompt in one fused call and returns the cache
+    that ``attn.step(x_t, cache, key_padding_mask=None)`` continues (in place). ``backend``: "auto", "cpu",
+    "triton" or "reference" (see :func:`linattn_cuda.hybrid_attention`).
     """
 
     def __init__(
@@ -239,6 +241,8 @@ class HybridAttention(TaylorAttention):
             bias=bias, scale=scale, backend=backend, device=device, dtype=dtype,
         )
         self.window = check_window(window)
+        if backend not in HYBRID_BACKENDS:
+            raise ValueError(f"HybridAttention backend must be one of {list(HYBRID_BACKENDS)}, got {backend!r}")
         if isinstance(conv_size, bool) or not isinstance(conv_size, int) or conv_size < 0:
             raise ValueError(f"conv_size must be an int >= 0 (0 = no short convolution), got {conv_size!r}")
         self.conv_size = conv_size
@@ -308,65 +312,53 @@ class HybridAttention(TaylorAttention):
         if batch_size is None:
             raise ValueError("init_cache needs batch_size (self-attention) or context (cross-attention)")
         w = self.value.weight
-        acc = accumulate_dtype(w.dtype)
-        h = self.num_kv_heads  # the cache holds keys and values only: Hkv heads
-        keys = torch.zeros(batch_size, h, self.window, self.qk_dim, dtype=acc, device=w.device)
-        values = torch.zeros(batch_size, h, self.window, self.head_dim, dtype=acc, device=w.device)
-        state = empty_state(batch_size, h, self.qk_dim, self.head_dim, dtype=acc, device=w.device)
+        attn = empty_hybrid_cache(batch_size, self.num_kv_heads, self.qk_dim, self.head_dim, self.window,
+                                  dtype=accumulate_dtype(w.dtype), device=w.device)
         conv = None
         if self.conv is not None:
             conv = torch.zeros(batch_size, self.conv_size - 1, self.conv.in_channels, dtype=w.dtype, device=w.device)
-        return HybridAttentionCache(keys, values, state, 0, conv)
+        return HybridAttentionCache(attn, conv)
 
-    def step(self, x: torch.Tensor, cache):
-        """One decoding step: ``x [B, 1, E]`` (or ``[B, E]``) -> ``(out of x's shape, new cache)``;
+    def prefill(self, x: torch.Tensor, key_padding_mask=None):
+        """Causal self-attention over a prompt ``x [B, L, E]`` in one fused call: ``(out [B, L, E], cache)``, the
+        cache ready for :meth:`step`. ``key_padding_mask [B, L]`` (True = padding; e.g. a left-padded batch)."""
+        q, k, v, conv = self._qkv(x, key_padding_mask)
+        hk = self.num_kv_heads
+        q, k, v = self._temperature(self._heads(q)), self._heads(k, hk), self._heads(v, hk)
+        out, attn = hybrid_attention_prefill(
+            q, k, v, window=self.window, scale=self.scale, key_padding_mask=key_padding_mask,
+            far_weight=self._far_weight(), enable_gqa=hk != self.num_heads, backend=self.backend,
+        )
+        return self.out(self._merge(out)), HybridAttentionCache(attn, conv)
+
+    def step(self, x: torch.Tensor, cache, key_padding_mask=None):
+        """One decoding step: ``x [B, 1, E]`` (or ``[B, E]``) -> ``(out of x's shape, cache)``; the cache is updated
+        in place. ``key_padding_mask [B]``: True where a row's token is padding (it never enters the cache).
         O(window * d + M * Dv) per token whatever the number of tokens before it."""
         if isinstance(cache, TaylorAttentionCache):  # cross-attention: Taylor attention over a fixed context
             if self.log_temperature is not None:
                 return self._step_cross_with_temperature(x, cache)
             return super().step(x, cache)
         if not isinstance(cache, HybridAttentionCache):
-            raise TypeError(f"cache must be a HybridAttentionCache from init_cache, got {type(cache).__name__}")
+            raise TypeError(f"cache must be a HybridAttentionCache from init_cache or prefill, got {type(cache).__name__}")
         squeeze = x.dim() == 2
         if squeeze:
             x = x.unsqueeze(1)
         if x.dim() != 3 or x.shape[1] != 1:
             raise ValueError(f"x must have shape [B, 1, E] or [B, E], got {tuple(x.shape)}")
-        q, k, v, conv = self._qkv(x, conv_history=cache.conv)
-        acc = cache.keys.dtype
-        hk, g = self.num_kv_heads, self.num_heads // self.num_kv_heads
-        q = self._temperature(self._heads(q)[:, :, 0]).to(acc)
-        q = q.view(q.shape[0], hk, g, -1)  # [B, Hkv, G, d]: the query heads of each key/value head
-        k, v = self._heads(k, hk)[:, :, 0].to(acc), self._heads(v, hk)[:, :, 0].to(acc)
-        t, w = cache.position, self.window
-        slot = t % w
-        kv, k_sum = cache.state
-        if t >= w:  # the key at position t - W leaves the window: into the Taylor state
-            old_k, old_v = cache.keys[:, :, slot], cache.values[:, :, slot]
-            fk = taylor_feature_map(old_k, self.scale)
-            kv = kv + fk.unsqueeze(-1) * old_v.unsqueeze(-2)
-            k_sum = k_sum + fk
-        index = torch.tensor([slot], device=q.device)
-        keys = cache.keys.index_copy(2, index, k.unsqueeze(2))
-        values = cache.values.index_copy(2, index, v.unsqueeze(2))
-        s = self.scale * torch.einsum("bkgd,bkwd->bkgw", q, keys)
-        inside = torch.arange(w, device=q.device) <= t  # all slots once t >= W - 1
-        fq = taylor_feature_map(q, self.scale)
-        num_f = torch.einsum("bkgm,bkmv->bkgv", fq, kv)
-        den_f = torch.einsum("bkgm,bkm->bkg", fq, k_sum)
-        if self.log_far_weight is not None:
-            fw = self._far_weight().to(acc).view(1, hk, g)
-            num_f, den_f = num_f * fw.unsqueeze(-1), den_f * fw
-        m = torch.where(inside, s, torch.full_like(s, float("-inf"))).amax(-1)
-        m = torch.where(den_f > 0, m.clamp_min(0.0), m)
-        p = torch.where(inside, torch.exp(s - m.unsqueeze(-1)), torch.zeros_like(s))
-        far = torch.exp(-m.clamp_min(0.0))
-        num = torch.einsum("bkgw,bkwv->bkgv", p, values) + far.unsqueeze(-1) * num_f
-        den = p.sum(-1) + far * den_f
-        out = (num / den.unsqueeze(-1)).to(x.dtype)  # den >= exp(0) or >= 1/2 * exp(-m): never 0
+        pad = None if key_padding_mask is None else key_padding_mask.reshape(-1)
+        q, k, v, conv = self._qkv(x, None if pad is None else pad[:, None], conv_history=cache.conv)
+        if conv is not None:
+            cache.conv.copy_(conv)
+        hk = self.num_kv_heads
+        q = self._temperature(self._heads(q)[:, :, 0])
+        k, v = self._heads(k, hk)[:, :, 0], self._heads(v, hk)[:, :, 0]
+        out, _ = hybrid_attention_step(
+            q, k, v, cache.attn, key_padding_mask=pad, scale=self.scale, far_weight=self._far_weight(),
+            enable_gqa=hk != self.num_heads, backend=self.backend,
+        )
         out = self.out(out.reshape(out.shape[0], 1, -1))
-        new = HybridAttentionCache(keys, values, TaylorState(kv, k_sum), t + 1, conv)
-        return (out[:, 0] if squeeze else out), new
+        return (out[:, 0] if squeeze else out), cache
 
     def _step_cross_with_temperature(self, x, cache: TaylorAttentionCache):
         squeeze = x.dim() == 2

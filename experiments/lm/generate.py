@@ -1,9 +1,9 @@
 """Generation from a prompt with each attention kind's decoding cache, and the full re-run it must equal.
 
 ``generate(model, prompt, new_tokens, temperature=0 (greedy) | > 0 (sampling, optional top_k), seed)``: the
-prompt is fed token by token through ``model.step`` (each layer's cache: the softmax KV cache, the Taylor
-recurrent state, the hybrid's window ring buffer + Taylor state), then each new token is picked from the
-last logits and fed back. ``use_cache=False`` instead re-runs the whole sequence through ``model.forward``
+prompt goes through ``model.prefill`` in one call (each layer's cache: the softmax KV cache, the Taylor
+recurrent state, the hybrid's window ring buffer + Taylor state, prefilled by one fused call), then each new
+token is picked from the last logits and fed back through ``model.step``. ``use_cache=False`` instead re-runs the whole sequence through ``model.forward``
 for every new token (quadratic work, the ground truth the cached path is tested against).
 """
 from __future__ import annotations
@@ -49,9 +49,7 @@ def generate(model: LanguageModel, prompt: List[int], new_tokens: int, *, temper
     tokens = list(prompt)
     picked_logits, sizes = [], []
     if use_cache:
-        cache = model.init_cache(batch_size=1)
-        for t in tokens:
-            logits, cache = model.step(torch.tensor([t], device=device), cache)
+        logits, cache = model.prefill(torch.tensor([tokens], device=device))
         for i in range(new_tokens):
             picked_logits.append(logits[0])
             sizes.append(cache_numel(cache))

@@ -6,15 +6,16 @@ of every kind gets the same initialization (normal, std 0.02; biases 0; the two 
 of each block std ``0.02 / sqrt(2 * layers)``); parameters of other types keep their module's own init.
 
 Attention kinds (one interface: ``attn(x, causal=True)``, ``cache = attn.init_cache(batch_size=B)``,
-``out_t, cache = attn.step(x_t [B, 1, W], cache)``):
+``out_t, cache = attn.step(x_t [B, 1, W], cache)``; the kinds with ``out, cache = attn.prefill(x [B, L, W])``
+take a whole prompt in one call, the others step through it, see :meth:`LanguageModel.prefill`):
 
 * ``softmax``: :class:`SoftmaxAttention`, ``scaled_dot_product_attention(is_causal=True)``; the decoding cache
   holds every key and value so far (grows with the context).
 * ``taylor``: :class:`linattn_cuda.nn.TaylorAttention` (q/k projected to ``feature_dim`` per head); the cache
   is the recurrent state ``(kv [B, H, M, Dv], k_sum [B, H, M])``, fixed size.
 * ``hybrid``: :class:`linattn_cuda.nn.HybridAttention` (exp inside a sliding window of keys, the Taylor weight
-  beyond it, one normalizer); the cache is a ring buffer of the last ``window`` keys/values plus the Taylor
-  state, fixed size.
+  beyond it, one normalizer); the cache is a ring buffer of the last ``window - 1`` keys/values plus the Taylor
+  state, fixed size, updated in place; a prompt is prefilled in one fused call.
 
 Both projections layouts follow TaylorAttention: q, v and output projections with bias, the key projection
 without. Positions: ``pos="learned"`` adds a learned ``[context, W]`` table (a parameter, not a cache:
@@ -119,6 +120,12 @@ class SoftmaxAttention(nn.Module):
         return KVCache(torch.empty(batch_size, self.num_heads, 0, self.qk_dim, **empty),
                        torch.empty(batch_size, self.num_heads, 0, self.head_dim, **empty))
 
+    def prefill(self, x: torch.Tensor):
+        """A prompt ``x [B, L, E]`` in one call: ``(out [B, L, E], the cache of its keys and values)``."""
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return self.out(self._merge(out)), KVCache(k, v)
+
     def step(self, x: torch.Tensor, cache: KVCache):
         """``x [B, 1, E]`` -> ``(out [B, 1, E], cache with x's key and value appended)``."""
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
@@ -164,6 +171,22 @@ class Block(nn.Module):
 
     def step(self, x: torch.Tensor, cache):
         a, cache = self.attn.step(self.ln1(x), cache)
+        x = x + a
+        return x + self.mlp(self.ln2(x)), cache
+
+    def prefill(self, x: torch.Tensor):
+        """A prompt ``x [B, L, W]``: ``(out, cache)``, in one call where the attention has ``prefill``, else step by
+        step from an empty cache."""
+        h = self.ln1(x)
+        if hasattr(self.attn, "prefill"):
+            a, cache = self.attn.prefill(h)
+        else:
+            cache = self.attn.init_cache(batch_size=x.shape[0])
+            outs = []
+            for t in range(x.shape[1]):
+                a_t, cache = self.attn.step(h[:, t : t + 1], cache)
+                outs.append(a_t)
+            a = torch.cat(outs, 1)
         x = x + a
         return x + self.mlp(self.ln2(x)), cache
 
@@ -221,6 +244,15 @@ class LanguageModel(nn.Module):
 
     def init_cache(self, batch_size: int) -> LMCache:
         return LMCache([block.attn.init_cache(batch_size=batch_size) for block in self.blocks], 0)
+
+    def prefill(self, tokens: torch.Tensor):
+        """A prompt ``tokens [B, T]`` (T >= 1): ``(logits [B, 256] of its last position, cache after it)``."""
+        x = self._embed(tokens, 0)
+        layers = []
+        for block in self.blocks:
+            x, c = block.prefill(x)
+            layers.append(c)
+        return self.head(self.ln(x[:, -1:]))[:, 0], LMCache(layers, tokens.shape[1])
 
     def step(self, token: torch.Tensor, cache: LMCache):
         x = self._embed(token[:, None], cache.position)

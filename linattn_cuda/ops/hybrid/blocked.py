@@ -1,31 +1,23 @@
-"""Hybrid attention: exact softmax weights inside a sliding window, the Taylor weight beyond it, one normalizer.
+"""The hybrid attention in plain PyTorch, blocked (linear in L, differentiable by autograd): the ``reference``
+backend, and the fallback where no fused kernel serves (see :mod:`linattn_cuda.ops.hybrid.functions`).
 
-For a query ``i`` and key ``j`` with logit ``s_ij = scale * q_i.k_j`` the weight is
-
-    w_ij = exp(s_ij)              if j is inside the window of i     (causal: i - W < j <= i;
-                                                                     non-causal: |i - j| < W)
-    w_ij = 1 + s_ij + s_ij^2 / 2  if j is outside it (and visible)
-    out_i = sum_j w_ij v_j / sum_j w_ij            (0 for a query that sees no unmasked key)
-
-Taylor attention alone gives every key a weight >= 1/2, so it cannot express sharp, local dependencies; the
-window restores them exactly where language (and speech) needs them most, while the keys beyond the window are
-summarized by the Taylor state, so the cost is linear in the length and decoding needs a fixed-size cache (the
-last W keys and values plus the Taylor state). This is the combination of Based (Arora et al., 2024: Taylor
-linear attention + short sliding-window softmax) done in one normalizer, so that the two parts compete for
-probability mass the way softmax's keys do.
-
-How it is computed (linear in L, nothing L x L):
+The weights are those of :func:`linattn_cuda.ops.hybrid.naive.hybrid_attention_reference`. How they are computed:
 
 * window part: queries in blocks of W, each block against the keys of its own and neighbouring block(s):
   ``[B, H, L/W, W, 2W]`` scores (3W non-causal), ``exp(s - m)`` with a per-row stabilizer ``m``;
 * Taylor part: the keys ``j <= i - W`` of query ``i`` are the causal Taylor attention of ``q[W:]`` on
-  ``k[:L-W]``, computed by the fused kernels of any backend (:func:`linattn_cuda.taylor_attention`). The kernels
-  return normalized outputs, so the normalizer ``Z`` is recovered exactly with a *sink*: an extra key of zeros
-  (weight ``1 + 0 + 0 = 1`` for every query) whose value is a one-hot extra column. The kernel then returns
-  ``[N / (Z + 1), 1 / (Z + 1)]``, hence ``Z`` and the numerator ``N``, differentiably, in float32.
-  Non-causal attention adds the mirror image (keys ``j >= i + W``) on the flipped sequence;
+  ``k[:L-W]`` (:func:`linattn_cuda.taylor_attention`, reference backend). It returns normalized outputs, so the
+  normalizer ``Z`` is recovered exactly with a *sink*: an extra key of zeros (weight ``1 + 0 + 0 = 1`` for every
+  query) whose value is a one-hot extra column. The kernel then returns ``[N / (Z + 1), 1 / (Z + 1)]``, hence
+  ``Z`` and the numerator ``N``, differentiably. Non-causal attention adds the mirror image (keys
+  ``j >= i + W``) on the flipped sequence;
 * the two parts meet in one normalizer, scaled by ``exp(-m)`` with ``m = max(max window logit, 0)`` whenever a
   Taylor key exists: exponentials never overflow and the Taylor part never underflows to NaN.
+
+It materializes ``[B, H, L/W, W, 2W]`` blocks (half of them -inf causal) and runs the Taylor part a second time
+through a sink: the fused kernels (``cpu``, ``triton``) do neither. Decoding: :func:`prefill_blocked` (the blocked
+forward plus the state of the keys that left the window) and :func:`step_blocked` (one token, the cache updated in
+place with tensor ops only).
 """
 from __future__ import annotations
 
@@ -34,65 +26,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..problem import attention_problem
 from ...api import taylor_attention
-from ...feature_map import resolve_scale
-from ..taylor.naive import repeat_kv, zero_padded_keys
-from ..taylor.state import accumulate_dtype
+from ...feature_map import taylor_feature_map
+from ..taylor.naive import zero_padded_keys
+from ..taylor.state import TaylorState, accumulate_dtype
+from .cache import HybridCache, cache_from_prompt
 
-__all__ = ["hybrid_attention", "hybrid_attention_reference", "check_window"]
-
-
-def check_window(window) -> int:
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be a positive int (number of keys with exact softmax weights), got {window!r}")
-    return window
-
-
-def _window_logits_mask(lq: int, lk: int, window: int, causal: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense [Lq, Lk] masks (inside the window, outside it but visible) of the definition; for the reference."""
-    i = torch.arange(lq, device=device)[:, None]
-    j = torch.arange(lk, device=device)[None, :]
-    diff = i - j
-    if causal:
-        inside = (diff >= 0) & (diff < window)
-        outside = diff >= window
-    else:
-        inside = diff.abs() < window
-        outside = ~inside
-    return inside, outside
-
-
-def check_far_weight(far_weight, heads: int):
-    if far_weight is None:
-        return None
-    if not isinstance(far_weight, torch.Tensor) or far_weight.shape != (heads,):
-        raise ValueError(f"far_weight must be a tensor of shape [H] = [{heads}] (positive per-head weights), "
-                         f"got {getattr(far_weight, 'shape', type(far_weight).__name__)}")
-    return far_weight
-
-
-def hybrid_attention_reference(q, k, v, *, window: int, causal: bool = True, scale=None, key_padding_mask=None,
-                               far_weight=None):
-    """The plain definition, dense in float64 (O(L^2) memory): the ground truth of the tests. k and v may have
-    fewer heads than q (grouped-query attention: query head h reads key/value head h // (H // Hkv))."""
-    check_window(window)
-    check_far_weight(far_weight, q.shape[1])
-    out_dtype = q.dtype
-    q, k, v = q.double(), repeat_kv(k.double(), q.shape[1]), repeat_kv(v.double(), q.shape[1])
-    k, v = zero_padded_keys(k, v, key_padding_mask)
-    scale = resolve_scale(scale, q.shape[-1])
-    s = scale * q @ k.transpose(-1, -2)
-    inside, outside = _window_logits_mask(q.shape[-2], k.shape[-2], window, causal, q.device)
-    taylor = 1 + s + s * s / 2
-    if far_weight is not None:
-        taylor = taylor * far_weight.double().view(1, -1, 1, 1)
-    w = torch.where(inside, torch.exp(s), torch.where(outside, taylor, torch.zeros_like(s)))
-    if key_padding_mask is not None:
-        w = w.masked_fill(key_padding_mask[:, None, None, :], 0.0)
-    den = w.sum(-1, keepdim=True)
-    out = torch.where(den > 0, (w @ v) / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros(()))
-    return out.to(out_dtype)
+__all__ = ["hybrid_attention_blocked", "prefill_blocked", "step_blocked"]
 
 
 def _blocks(x: torch.Tensor, n: int, window: int, causal: bool) -> torch.Tensor:
@@ -128,7 +68,7 @@ def _window_part(q, k, v, valid, window: int, causal: bool, scale: float):
     return s, vb
 
 
-def _taylor_beyond(q, k, v, shift: int, scale: float, key_padding_mask, backend: str, enable_gqa: bool = False):
+def _taylor_beyond(q, k, v, shift: int, scale: float, key_padding_mask, enable_gqa: bool = False):
     """Numerator ``N_i = sum_{j <= i - shift} w_ij v_j`` and normalizer ``Z_i = sum_{j <= i - shift} w_ij``
     (Taylor weights, padded keys excluded) for every query, through the fused causal kernels and a sink key."""
     b, h, length, d = q.shape
@@ -147,47 +87,24 @@ def _taylor_beyond(q, k, v, shift: int, scale: float, key_padding_mask, backend:
     if key_padding_mask is not None:
         mask = torch.cat([key_padding_mask.new_zeros(b, 1), key_padding_mask[:, :lf]], dim=1)
     o = taylor_attention(qs, ks, vs, causal=True, scale=scale, key_padding_mask=mask, enable_gqa=enable_gqa,
-                         backend=backend)[:, :, 1:]
+                         backend="reference")[:, :, 1:]
     inv = o[..., dv]  # 1 / (Z + 1), in (0, 1]
     num_f = o[..., :dv] / inv.unsqueeze(-1)
     den_f = 1.0 / inv - 1.0
     return torch.cat([num[:, :, :shift], num_f], dim=2), torch.cat([den[:, :, :shift], den_f], dim=2)
 
 
-def hybrid_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    window: int,
-    causal: bool = True,
-    scale: Optional[float] = None,
-    key_padding_mask: Optional[torch.Tensor] = None,
-    far_weight: Optional[torch.Tensor] = None,
-    enable_gqa: bool = False,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """Self-attention with softmax weights inside a window of ``window`` keys and Taylor weights beyond it.
-
-    ``q, k [B, H, L, D]``, ``v [B, H, L, Dv]`` (self-attention: one length), ``key_padding_mask [B, L]`` bool
-    (True = padding). Equivalent to :func:`hybrid_attention_reference` (see the module docstring), in float32
-    (float64 for float64 inputs), linear in L; returns the input dtype. ``far_weight [H]`` (positive, e.g. the
-    exp of a learned parameter) multiplies every Taylor weight of head h: a head can learn how much of the context
-    beyond its window it mixes in (1 = the plain definition). ``enable_gqa``: k and v may have Hkv heads with
-    H % Hkv == 0 (query head h reads key/value head h // (H // Hkv), as in SDPA), read in place.
-    ``backend`` is the Taylor part's (:func:`linattn_cuda.taylor_attention`).
-    """
-    attention_problem(q, k, v, causal=causal, key_padding_mask=key_padding_mask, enable_gqa=enable_gqa)  # checks
-    check_window(window)
-    check_far_weight(far_weight, q.shape[1])
-    if q.shape[-2] != k.shape[-2]:
-        raise ValueError(f"hybrid attention is self-attention: q and k need one length, got {q.shape[-2]} and {k.shape[-2]}")
-    scale = resolve_scale(scale, q.shape[-1])
+def hybrid_attention_blocked(q, k, v, *, window: int, causal: bool, scale: float, key_padding_mask=None,
+                             far_weight=None) -> torch.Tensor:
+    """The hybrid attention of checked inputs (q [B, H, L, D], k and v with H or fewer heads, ``scale`` resolved),
+    in float32 (float64 for float64 inputs); returns q's dtype."""
+    enable_gqa = k.shape[1] != q.shape[1]
     out_dtype = q.dtype
     acc = accumulate_dtype(q.dtype)
     b, h, length, _ = q.shape
     if q.numel() == 0 or length == 0:
         return q.new_zeros(b, h, length, v.shape[-1])
+    window = min(window, length)  # a window of >= L keys holds every key (and keeps the blocks small)
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
     k, v = zero_padded_keys(k, v, key_padding_mask)
     valid = torch.ones(b, length, dtype=torch.bool, device=q.device)
@@ -195,11 +112,11 @@ def hybrid_attention(
         valid = ~key_padding_mask
 
     # Taylor part: keys at distance >= W (before the query; non-causal also after it, on the flipped sequence)
-    num_f, den_f = _taylor_beyond(q, k, v, window, scale, key_padding_mask, backend, enable_gqa)
+    num_f, den_f = _taylor_beyond(q, k, v, window, scale, key_padding_mask, enable_gqa)
     if not causal:
         flip = lambda t: t.flip(2)  # noqa: E731
         mask_r = None if key_padding_mask is None else key_padding_mask.flip(1)
-        num_r, den_r = _taylor_beyond(flip(q), flip(k), flip(v), window, scale, mask_r, backend, enable_gqa)
+        num_r, den_r = _taylor_beyond(flip(q), flip(k), flip(v), window, scale, mask_r, enable_gqa)
         num_f, den_f = num_f + flip(num_r), den_f + flip(den_r)
 
     if far_weight is not None:
@@ -223,3 +140,75 @@ def hybrid_attention(
     ok = den > 0
     out = num / torch.where(ok, den, torch.ones_like(den)).unsqueeze(-1)  # num = 0 where den = 0
     return out.to(out_dtype)
+
+
+def _state_of(k, v, key_padding_mask, scale: float) -> TaylorState:
+    """The Taylor state (kv = sum phi(k) v^T, k_sum = sum phi(k)) of the unpadded keys of k [B, Hkv, n, D]."""
+    acc = accumulate_dtype(k.dtype)
+    k, v = zero_padded_keys(k.to(acc), v.to(acc), key_padding_mask)
+    fk = taylor_feature_map(k, scale)
+    if key_padding_mask is not None:
+        fk = fk * (~key_padding_mask).to(acc)[:, None, :, None]  # phi(0) = [1, 0, ...]: drop the constant too
+    return TaylorState(torch.matmul(fk.transpose(-1, -2), v), fk.sum(-2))
+
+
+def prefill_blocked(q, k, v, *, window: int, scale: float, key_padding_mask=None, far_weight=None):
+    """Causal hybrid attention over a prompt and the decoding cache after it (checked inputs)."""
+    out = hybrid_attention_blocked(q, k, v, window=window, causal=True, scale=scale,
+                                   key_padding_mask=key_padding_mask, far_weight=far_weight)
+    n = max(0, k.shape[2] - window + 1)  # the keys no later query sees inside its window
+    mask = None if key_padding_mask is None else key_padding_mask[:, :n]
+    state = _state_of(k[:, :, :n], v[:, :, :n], mask, scale)
+    return out, cache_from_prompt(k, v, key_padding_mask, window, state)
+
+
+def step_blocked(q, k, v, cache: HybridCache, *, scale: float, key_padding_mask=None, far_weight=None):
+    """One decoding step of checked inputs (q [B, H, D], k [B, Hkv, D], v [B, Hkv, Dv], key_padding_mask [B] or
+    None), updating ``cache`` in place with tensor ops only (no host value is read). Returns out [B, H, Dv]."""
+    acc = cache.state.kv.dtype
+    b, h, d = q.shape
+    hk = k.shape[1]
+    g = h // hk
+    ring = cache.keys.shape[2]
+    qa = q.to(acc).view(b, hk, g, d)
+    ka, va = k.to(acc), v.to(acc)
+    new_pad = key_padding_mask if key_padding_mask is not None else torch.zeros(b, dtype=torch.bool, device=q.device)
+    ka = ka.masked_fill(new_pad[:, None, None], 0.0)  # a padded key is stored as 0 (it may hold NaN)
+    va = va.masked_fill(new_pad[:, None, None], 0.0)
+    kv, k_sum = cache.state
+    # window: the ring's keys and the new one; far: the state (has keys iff its constant feature counts some)
+    s = scale * torch.cat([torch.einsum("bkgd,bkwd->bkgw", qa, cache.keys),
+                           torch.einsum("bkgd,bkd->bkg", qa, ka).unsqueeze(-1)], dim=-1)
+    pad = torch.cat([cache.key_padding, new_pad[:, None]], dim=1)[:, None, None, :]
+    s = s.masked_fill(pad, float("-inf"))
+    has_far = (k_sum[..., 0] > 0)[..., None]  # [B, Hkv, 1]
+    m = s.amax(-1)
+    m = torch.where(has_far, m.clamp_min(0.0), m)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m.unsqueeze(-1))  # 0 on padded slots
+    num = torch.einsum("bkgw,bkwv->bkgv", p[..., :ring], cache.values) + p[..., ring:] * va[:, :, None]
+    den = p.sum(-1)
+    fq = taylor_feature_map(qa, scale)
+    fw = torch.ones(h, dtype=acc, device=q.device) if far_weight is None else far_weight.to(acc)
+    coef = torch.where(has_far, fw.view(1, hk, g) * torch.exp(-m), torch.zeros_like(m))
+    num = num + coef.unsqueeze(-1) * torch.einsum("bkgm,bkmv->bkgv", fq, kv)
+    den = den + coef * torch.einsum("bkgm,bkm->bkg", fq, k_sum)
+    out = torch.where(den.unsqueeze(-1) > 0, num / torch.where(den > 0, den, torch.ones_like(den)).unsqueeze(-1), 0.0)
+    # the slot's old key (or, W = 1, the new one) into the state; the new key into the slot
+    if ring > 0:
+        slot = cache.position % ring  # [B]
+        index = slot.view(b, 1, 1, 1)
+        old_k = cache.keys.gather(2, index.expand(b, hk, 1, d))[:, :, 0]
+        old_v = cache.values.gather(2, index.expand(b, hk, 1, va.shape[-1]))[:, :, 0]
+        old_pad = cache.key_padding.gather(1, slot[:, None])[:, 0]
+    else:
+        old_k, old_v, old_pad = ka, va, new_pad
+    fk = taylor_feature_map(old_k, scale) * (~old_pad).to(acc)[:, None, None]
+    kv.add_(fk.unsqueeze(-1) * old_v.unsqueeze(-2))
+    k_sum.add_(fk)
+    if ring > 0:
+        cache.keys.scatter_(2, index.expand(b, hk, 1, d), ka.unsqueeze(2))
+        cache.values.scatter_(2, index.expand(b, hk, 1, va.shape[-1]), va.unsqueeze(2))
+        cache.key_padding.scatter_(1, slot[:, None], new_pad[:, None])
+    cache.position.add_(1)
+    return out.reshape(b, h, -1).to(q.dtype)
