@@ -76,14 +76,15 @@ def run_case_on_rank(case: dict, rank: int, counter: ByteCounter) -> dict:
                   backend=case.get("backend", "auto"))
     counter.take()
     if case["op"] == "taylor":
-        out = taylor_attention_cp(q, k, v, overlap=case.get("overlap"), **common)
+        out = taylor_attention_cp(q, k, v, overlap=case.get("overlap", False), **common)
     else:
         out = hybrid_attention_cp(q, k, v, window=case["window"], far_weight=fw, **common)
     forward_calls = counter.take()
+    schedule = type(out.grad_fn).__name__
     (out.double() * x["grad_out"][:, :, qs:qe].double()).sum().backward()
     backward_calls = counter.take()
     return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad,
-            "dfar": None if fw is None else fw.grad, "forward_calls": forward_calls, "backward_calls": backward_calls}
+            "dfar": None if fw is None else fw.grad, "schedule": schedule, "forward_calls": forward_calls, "backward_calls": backward_calls}
 
 
 def run_cases(rank: int, world_size: int, cases: list) -> dict:

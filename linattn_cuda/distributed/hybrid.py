@@ -106,7 +106,7 @@ def _window_part(q, k_ext, v_ext, valid_ext, left: int, right: int, window: int,
     ``[bW, bW + K)``, the band being ``0 <= W + r - c < W`` (causal) or ``|W + r - c| < W``."""
     b, h, length, _ = q.shape
     hk = k_ext.shape[1]
-    n = -(-length // window)
+    n = max(1, -(-length // window))  # one (all-padding) block for an empty shard keeps it in the graph
     after = window + (n * window - length) if not causal else n * window - length
     key_len = 2 * window if causal else 3 * window
 

@@ -180,7 +180,7 @@ def taylor_attention_cp(
     key_padding_mask: Optional[torch.Tensor] = None,
     enable_gqa: bool = False,
     backend: str = "auto",
-    overlap: Optional[bool] = None,
+    overlap: bool = False,
 ) -> torch.Tensor:
     """Taylor attention over a sequence sharded contiguously across the ranks of ``group`` (None: the default
     process group): a collective call, every rank of the group makes it with its own shard.
@@ -197,28 +197,25 @@ def taylor_attention_cp(
     numbers per rank, ``M = 1 + D + D(D+1)/2``) and one of their gradients backward, never the sequence, plus a
     fixed-size exchange of the call's shape that checks every rank against the others: a rank whose inputs are
     refused makes every rank raise. ``overlap``: run the all-gathers while the local part is computed (module
-    docstring; the compiled ``cpu`` / ``cuda`` kernels); None: overlap when the backend allows it. ``scale``,
+    docstring; the compiled ``cpu`` / ``cuda`` kernels; off by default: on CPU it was not faster, README
+    "Context parallelism"). ``scale``,
     ``enable_gqa``, ``backend`` as in :func:`linattn_cuda.taylor_attention`.
     """
     p, error = _check_local(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                             enable_gqa=enable_gqa)
-    if error is None and overlap is not None and not isinstance(overlap, bool):
-        error = TypeError(f"overlap must be a bool or None, got {type(overlap).__name__}")
-    overlap_why = None
-    if error is None and overlap is not False:
-        try:
-            overlap_why = _overlap_reason(p, q, k, v, causal, backend)
-        except (TypeError, ValueError) as exc:
-            error = exc
-        if error is None and overlap and overlap_why is not None:
-            error = NotImplementedError(f"taylor_attention_cp(overlap=True) cannot run this call: {overlap_why}")
+    if error is None and not isinstance(overlap, bool):
+        error = TypeError(f"overlap must be a bool, got {type(overlap).__name__}")
+    if error is None and overlap:
+        why = _overlap_reason(p, q, k, v, causal, backend)
+        if why is not None:
+            error = NotImplementedError(f"taylor_attention_cp(overlap=True) cannot run this call: {why}")
     needs_grad = _needs_grad(q, k, v)
     device = collective_device(group, q, k, v)
     fields = _call_fields(p, op=1, causal=causal, needs_grad=needs_grad)
     layout = exchange_call("taylor_attention_cp", group, device, fields,
                            length=k.shape[2] if error is None else 0, error=error)
     ex = ShardExchange(layout, group, _STATE_PIECES, causal=causal)
-    if overlap is not False and overlap_why is None:
+    if overlap:
         out, _ = _OverlappedTaylorCP.apply(q, k, v, p.key_padding_mask, ex, causal and q.shape[2] > 1, p.scale)
         return out
     kw = dict(scale=p.scale, key_padding_mask=key_padding_mask, enable_gqa=enable_gqa, backend=backend)

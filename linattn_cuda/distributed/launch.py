@@ -1,11 +1,13 @@
-"""Run a function on N local processes joined in a gloo process group (the distributed tests' launcher).
+"""Run a function on N local processes joined in a gloo process group: for tests, benchmarks and trying context
+parallelism on one machine (training jobs use ``torchrun``).
 
 ``run_ranks(fn, world_size, *args)`` spawns the processes, each calling ``fn(rank, world_size, *args)`` with
-torch.distributed initialized (gloo over a file store in a temporary folder, one thread per process) and returns
-the list of their return values (picklable). A rank that raises makes the launcher stop every rank at once and
-raise an AssertionError carrying that rank's traceback; a group that does not finish within ``timeout`` seconds is
-stopped the same way. Collectives themselves time out after ``collective_timeout`` seconds, so a rank left waiting
-for a dead peer ends too. No test can hang CI.
+torch.distributed initialized (gloo over a file store in a temporary folder, ``threads`` threads per process) and
+returns the list of their return values (anything ``torch.save`` takes). ``fn`` must be importable by name (a
+module-level function; scripts need the ``if __name__ == "__main__":`` guard). A rank that raises makes the launcher
+stop every rank at once and raise a ``RankFailed`` error carrying that rank's traceback; a group that does not finish
+within ``timeout`` seconds is stopped the same way. Collectives time out after ``collective_timeout`` seconds, so a
+rank left waiting for a dead peer ends too: nothing hangs.
 """
 from __future__ import annotations
 
@@ -19,13 +21,19 @@ import traceback
 
 import torch.multiprocessing as mp
 
+__all__ = ["run_ranks", "RankFailed"]
 
-def _worker(fn, rank, world_size, store_path, collective_timeout, results, args):
+
+class RankFailed(AssertionError):
+    """A rank raised, died or did not finish in time (an AssertionError, so that tests report it as a failure)."""
+
+
+def _worker(fn, rank, world_size, store_path, collective_timeout, threads, results, args):
     try:
         import torch
         import torch.distributed as dist
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=collective_timeout))
         try:
@@ -39,12 +47,13 @@ def _worker(fn, rank, world_size, store_path, collective_timeout, results, args)
         results.put((rank, "error", traceback.format_exc()))
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 90.0, collective_timeout: float = 30.0) -> list:
+def run_ranks(fn, world_size: int, *args, timeout: float = 90.0, collective_timeout: float = 30.0,
+              threads: int = 1) -> list:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="linattn-dist-") as tmp:
         store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, store, collective_timeout, results, args),
+        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, store, collective_timeout, threads, results, args),
                              daemon=True) for r in range(world_size)]
         for p in procs:
             p.start()
@@ -53,18 +62,18 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 90.0, collective_time
             while len(values) < world_size:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"the {world_size} ranks did not finish within {timeout:.0f} s "
+                    raise RankFailed(f"the {world_size} ranks did not finish within {timeout:.0f} s "
                                          f"(finished: {sorted(values)})")
                 try:
                     rank, status, value = results.get(timeout=min(left, 1.0))
                 except queue.Empty:
                     dead = [r for r, p in enumerate(procs) if r not in values and p.exitcode not in (None, 0)]
                     if dead:
-                        raise AssertionError(f"rank(s) {dead} died (exit codes "
+                        raise RankFailed(f"rank(s) {dead} died (exit codes "
                                              f"{[procs[r].exitcode for r in dead]}) without a result")
                     continue
                 if status == "error":
-                    raise AssertionError(f"rank {rank} of {world_size} raised:\n{value}")
+                    raise RankFailed(f"rank {rank} of {world_size} raised:\n{value}")
                 import torch
 
                 values[rank] = torch.load(io.BytesIO(value), weights_only=False)
