@@ -66,6 +66,7 @@ LOW_PRECISION = [  # checked against the single-process result's own error in th
     _case("taylor", [20, 13], causal=False, H=2, D=8, Dv=8, dtype=torch.bfloat16, seed=31),
     _case("taylor", [20, 13], causal=False, H=2, D=8, Dv=8, dtype=torch.bfloat16, overlap=True, seed=31),
     _case("hybrid", [20, 13], causal=True, H=2, D=8, Dv=8, window=6, dtype=torch.float32, seed=32),
+    _case("hybrid", [20, 13], causal=False, H=2, D=8, Dv=8, window=6, mask=True, dtype=torch.bfloat16, seed=33),
 ]
 
 
@@ -136,7 +137,9 @@ def _expected_bytes(case) -> tuple[int, int]:
     """(forward, backward) bytes of the payload all-gather: the state, plus for the hybrid the halo pieces (the
     last W - 1 keys and values; padding flags forward only; both ends when non-causal), each padded to 8 bytes."""
     b, hk, d, dv = case["B"], case.get("Hkv", case["H"]), case["D"], case["Dv"]
-    el = 8 if case.get("dtype", torch.float64) == torch.float64 else 4
+    dtype = case.get("dtype", torch.float64)
+    el = 8 if dtype == torch.float64 else 4  # the state: float32 (float64 for float64 inputs)
+    io = torch.empty((), dtype=dtype).element_size()  # the halo's keys and values: the input dtype
     pad = lambda n: n + (-n) % 8  # noqa: E731
     m = feature_dim(d)
     state = pad(b * hk * m * dv * el) + pad(b * hk * m * el)
@@ -144,11 +147,11 @@ def _expected_bytes(case) -> tuple[int, int]:
         return state, state
     rows = case["window"] - 1
     sides = 1 if case["causal"] else 2
-    halo = pad(b * hk * rows * d * el) + pad(b * hk * rows * dv * el)
+    halo = pad(b * hk * rows * d * io) + pad(b * hk * rows * dv * io)
     return state + sides * (halo + pad(b * rows)), state + sides * halo
 
 
-@pytest.mark.parametrize("case", CASES_2 + CASES_3, ids=lambda c: c["id"])
+@pytest.mark.parametrize("case", CASES_2 + CASES_3 + LOW_PRECISION, ids=lambda c: c["id"])
 def test_collective_bytes_are_the_state_plus_halo(results, case):
     """Forward: one fixed-size check (a few int64 per rank) and one all-gather of the state (+ halo); backward: one
     all-gather of their gradients. Nothing else, on every rank."""

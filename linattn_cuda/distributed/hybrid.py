@@ -152,8 +152,8 @@ def hybrid_attention_cp(
     backward is collective too.
 
     Communication per call and rank: one all-gather of its Taylor state (``B * Hkv * M * (Dv + 1)`` numbers) plus
-    its last ``W - 1`` keys, values and padding flags (and its first ``W - 1`` when non-causal), forward; the same
-    sizes of gradients backward; whatever the shard length. Computed in float32 (float64 for float64 inputs),
+    its last ``W - 1`` keys, values (in the input dtype) and padding flags (and its first ``W - 1`` when
+    non-causal), forward; the same sizes of gradients backward; whatever the shard length. Computed in float32 (float64 for float64 inputs),
     returned in q's dtype; ``backend`` is the Taylor part's (:func:`linattn_cuda.taylor_attention`).
     """
     p, error = _check_local(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
@@ -188,12 +188,13 @@ def hybrid_attention_cp(
     pieces, tensors = [Piece("sum"), Piece("sum")], [own.kv, own.k_sum]
     for side, first in sides:
         pieces += [Piece(side), Piece(side), Piece(side, row_dim=-1)]
-        tensors += [end_rows(k, ends, first, halo, 2), end_rows(v, ends, first, halo, 2),
-                    end_rows(valid, ends, first, halo, 1)]
+        tensors += [end_rows(k.to(out_dtype), ends, first, halo, 2), end_rows(v.to(out_dtype), ends, first, halo, 2),
+                    end_rows(valid, ends, first, halo, 1)]  # keys and values travel in the input dtype
     got = exchange(ShardExchange(layout, group, pieces, causal=causal, halo_rows=halo), *tensors)
 
     left = min(halo, layout.start)
     right = 0 if causal else min(halo, layout.total - layout.end)
+    got = [t.to(acc) if t.is_floating_point() and t.dtype != acc and i > 1 else t for i, t in enumerate(got)]
     k_l, v_l, valid_l = got[2][:, :, halo - left:], got[3][:, :, halo - left:], got[4][:, halo - left:]
     k_parts, v_parts, valid_parts = [k_l, k], [v_l, v], [valid_l, valid]
     beyond = TaylorState(got[0], got[1])  # every foreign key ...
