@@ -153,8 +153,9 @@ def hybrid_attention_cp(
 
     Communication per call and rank: one all-gather of its Taylor state (``B * Hkv * M * (Dv + 1)`` numbers) plus
     its last ``W - 1`` keys, values (in the input dtype) and padding flags (and its first ``W - 1`` when
-    non-causal), forward; the same sizes of gradients backward; whatever the shard length. Computed in float32 (float64 for float64 inputs),
-    returned in q's dtype; ``backend`` is the Taylor part's (:func:`linattn_cuda.taylor_attention`).
+    non-causal), forward; the same sizes of gradients backward; whatever the shard length. Computed in float32
+    (float64 for float64 inputs), returned in q's dtype; ``backend`` is the Taylor part's
+    (:func:`linattn_cuda.taylor_attention`).
     """
     p, error = _check_local(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                             enable_gqa=enable_gqa)
@@ -178,6 +179,8 @@ def hybrid_attention_cp(
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
     k, v = zero_padded_keys(k, v, mask)
     b, h, length, _ = q.shape
+    # a window longer than the whole sequence is the whole sequence: nothing beyond it, no halo larger than it
+    window = min(window, max(layout.total, 1))
     halo = window - 1
     own = _state(k, v, mask, scale, h, backend)
 

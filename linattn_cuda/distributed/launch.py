@@ -36,15 +36,33 @@ def _worker(fn, rank, world_size, store_path, collective_timeout, threads, resul
         torch.set_num_threads(threads)
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=collective_timeout))
-        try:
-            value = fn(rank, world_size, *args)
-        finally:
-            dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - every failure goes back to the launcher
+        results.put((rank, "error", traceback.format_exc()))
+        return
+    try:
+        value = fn(rank, world_size, *args)
         buf = io.BytesIO()  # bytes, not shared-memory tensors: this process exits before the launcher reads them
         torch.save(value, buf)
         results.put((rank, "ok", buf.getvalue()))
-    except BaseException:  # noqa: BLE001 - every failure goes back to the launcher
+    except BaseException:  # noqa: BLE001
+        # reported before the group is torn down, so that the cause arrives before its peers' "connection closed"
         results.put((rank, "error", traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+
+
+def _errors(results, rank: int, first: str, world_size: int, grace: float = 2.0) -> str:
+    """The first failure's traceback and those of the ranks that fail within ``grace`` seconds after it (a peer of a
+    failed rank fails too, with a "connection closed" of its own: the first is the cause, usually)."""
+    parts, end = [f"rank {rank} of {world_size} raised:\n{first}"], time.monotonic() + grace
+    while time.monotonic() < end:
+        try:
+            other, status, value = results.get(timeout=max(end - time.monotonic(), 0.01))
+        except queue.Empty:
+            break
+        if status == "error":
+            parts.append(f"rank {other} of {world_size} raised too:\n{value}")
+    return "\n".join(parts)
 
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 90.0, collective_timeout: float = 30.0,
@@ -53,8 +71,9 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 90.0, collective_time
     results = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="linattn-dist-") as tmp:
         store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, store, collective_timeout, threads, results, args),
-                             daemon=True) for r in range(world_size)]
+        procs = [ctx.Process(target=_worker, daemon=True,
+                             args=(fn, r, world_size, store, collective_timeout, threads, results, args))
+                 for r in range(world_size)]
         for p in procs:
             p.start()
         values, deadline = {}, time.monotonic() + timeout
@@ -63,17 +82,17 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 90.0, collective_time
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise RankFailed(f"the {world_size} ranks did not finish within {timeout:.0f} s "
-                                         f"(finished: {sorted(values)})")
+                                     f"(finished: {sorted(values)})")
                 try:
                     rank, status, value = results.get(timeout=min(left, 1.0))
                 except queue.Empty:
                     dead = [r for r, p in enumerate(procs) if r not in values and p.exitcode not in (None, 0)]
                     if dead:
                         raise RankFailed(f"rank(s) {dead} died (exit codes "
-                                             f"{[procs[r].exitcode for r in dead]}) without a result")
+                                         f"{[procs[r].exitcode for r in dead]}) without a result")
                     continue
                 if status == "error":
-                    raise RankFailed(f"rank {rank} of {world_size} raised:\n{value}")
+                    raise RankFailed(_errors(results, rank, value, world_size))
                 import torch
 
                 values[rank] = torch.load(io.BytesIO(value), weights_only=False)

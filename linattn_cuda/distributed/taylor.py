@@ -5,8 +5,9 @@ whole influence on the other ranks' outputs is the Taylor state of its keys, ``S
 ``z_r = sum_j phi(k_j)`` (``M x (Dv + 1)`` numbers per key/value head, whatever ``L_r``), so one all-gather of the
 states replaces moving keys and values around a ring:
 
-    out_i = (phi(q_i)^T (P_r + local_i)) / (phi(q_i)^T (p_r + local_z_i)),
-    P_r = sum_{r' < r} S_r'  (causal; non-causal: sum_{r' != r} S_r', with local_i over all of the rank's keys)
+    out_i = phi(q_i)^T (P_r + S_i) / phi(q_i)^T (p_r + z_i)
+    (P_r, p_r) = sum over r' < r of (S_r', z_r')     causal; non-causal: over r' != r
+    (S_i, z_i) = the state of the rank's own keys that query i sees (j <= i causal, all of them non-causal)
 
 The backward is the mirror image: each rank's gradient of its ``P_r`` is all-gathered and rank r' adds up those of
 the ranks that read its state (a suffix sum when causal), which flows into its keys and values.
@@ -15,15 +16,17 @@ Two schedules compute the same thing (``overlap``):
 
 * fused (``overlap=False``): the state of the local keys, the all-gather, then one fused call with ``P_r`` as its
   initial state (:func:`linattn_cuda.taylor_attention`); autograd runs the backward. Every backend that takes an
-  initial state and returns a state serves it. The all-gather waits for nothing but the (cheap) state pass; the
-  fused call waits for the all-gather.
+  initial state and returns a state serves it. The all-gather waits for the state pass, the fused call for the
+  all-gather.
 * overlapped (``overlap=True``, the compiled ``cpu`` / ``cuda`` kernels): the all-gather of the states runs
   asynchronously while the local part (keys of this rank only, from a zero state) is computed; then the prefix
   part (``phi(q)^T P_r``, a call with no keys and ``P_r`` as initial state) is added to numerator and normalizer.
   Backward: the prefix part's backward first (it gives the gradient of ``P_r``), its all-gather in flight while the
   local part's backward runs, then the state's backward. It is exact because the backward of ``N / Z`` reads the
   output and normalizer only through ``dO / Z`` and ``dO . out / Z``: each piece's backward given the combined
-  output and normalizer yields its exact share of the gradients.
+  output and normalizer yields its exact share of the gradients. It does one more pass (the prefix part) than the
+  fused schedule and rounds the local part's output to the input dtype before combining (bf16: about twice the
+  rounding error of one process); on CPU, where the all-gathers take ~1 % of a call, it is slower (README).
 """
 from __future__ import annotations
 
@@ -197,9 +200,8 @@ def taylor_attention_cp(
     numbers per rank, ``M = 1 + D + D(D+1)/2``) and one of their gradients backward, never the sequence, plus a
     fixed-size exchange of the call's shape that checks every rank against the others: a rank whose inputs are
     refused makes every rank raise. ``overlap``: run the all-gathers while the local part is computed (module
-    docstring; the compiled ``cpu`` / ``cuda`` kernels; off by default: on CPU it was not faster, README
-    "Context parallelism"). ``scale``,
-    ``enable_gqa``, ``backend`` as in :func:`linattn_cuda.taylor_attention`.
+    docstring; the compiled ``cpu`` / ``cuda`` kernels; off by default: slower on CPU, README "Context
+    parallelism"). ``scale``, ``enable_gqa``, ``backend`` as in :func:`linattn_cuda.taylor_attention`.
     """
     p, error = _check_local(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                             enable_gqa=enable_gqa)
