@@ -83,6 +83,9 @@ class TaylorAttention(nn.Module):
         bias: bias of the query, value and output projections (the key projection has none).
         scale: logit scale, default ``1/sqrt(feature_dim or head_dim)`` (see the module docstring).
         backend: linattn_cuda backend for the full-sequence forward ("auto", "reference", "cpu", ...).
+        context_parallel: None, True (the default process group) or a torch.distributed process group: the
+            self-attention input ``x`` is this rank's contiguous shard of a sequence sharded across the group
+            (:mod:`linattn_cuda.distributed`); also settable later with ``enable_context_parallel(model)``.
 
     Call: ``forward(x [B, Lq, E], context [B, Lk, Ec] = None, *, causal=False,
     key_padding_mask [B, Lk] bool (True = padding) = None) -> [B, Lq, E]``.
@@ -99,6 +102,7 @@ class TaylorAttention(nn.Module):
         bias: bool = True,
         scale: Optional[float] = None,
         backend: str = "auto",
+        context_parallel=None,
         device=None,
         dtype=None,
     ) -> None:
@@ -123,6 +127,11 @@ class TaylorAttention(nn.Module):
         self.key = nn.Linear(context_dim, num_kv_heads * self.qk_dim, bias=False, **kw)
         self.value = nn.Linear(context_dim, num_kv_heads * self.head_dim, bias=bias, **kw)
         self.out = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        self.context_parallel = None
+        if context_parallel is not None:
+            from .distributed.modules import check_context_parallel
+
+            self.context_parallel = check_context_parallel(context_parallel)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, qk_dim={self.qk_dim}, scale={self.scale:.4g}, backend={self.backend!r}"
@@ -136,6 +145,10 @@ class TaylorAttention(nn.Module):
         return x.transpose(1, 2).reshape(b, length, -1)
 
     def forward(self, x, context=None, *, causal: bool = False, key_padding_mask=None):
+        if self.context_parallel is not None:
+            from .distributed.modules import taylor_forward_cp
+
+            return taylor_forward_cp(self, x, context, causal=causal, key_padding_mask=key_padding_mask)
         src = x if context is None else context
         hk = self.num_kv_heads
         q, k, v = self._heads(self.query(x)), self._heads(self.key(src), hk), self._heads(self.value(src), hk)
@@ -233,12 +246,13 @@ class HybridAttention(TaylorAttention):
         bias: bool = True,
         scale: Optional[float] = None,
         backend: str = "auto",
+        context_parallel=None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__(
             embed_dim, num_heads, num_kv_heads=num_kv_heads, context_dim=context_dim, feature_dim=feature_dim,
-            bias=bias, scale=scale, backend=backend, device=device, dtype=dtype,
+            bias=bias, scale=scale, backend=backend, context_parallel=context_parallel, device=device, dtype=dtype,
         )
         self.window = check_window(window)
         if backend not in HYBRID_BACKENDS:
@@ -284,6 +298,10 @@ class HybridAttention(TaylorAttention):
         return y[..., :hq], y[..., hq : hq + hk], y[..., hq + hk :], history
 
     def forward(self, x, context=None, *, causal: bool = False, key_padding_mask=None):
+        if self.context_parallel is not None:
+            from .distributed.modules import hybrid_forward_cp
+
+            return hybrid_forward_cp(self, x, context, causal=causal, key_padding_mask=key_padding_mask)
         if context is not None:
             if self.conv is not None:
                 raise ValueError("conv_size > 0 applies to self-attention; HybridAttention got a context (cross-attention)")
