@@ -191,60 +191,47 @@ RowSplit split_row(int64_t i, int64_t k0, int64_t nk, int64_t window, bool causa
 template <typename T>
 constexpr T kPadLogit = T(1e30);
 
-// max_j row[j] over the unpadded columns of [begin, end) (-inf when there is none). pad: 1 = padded, or null.
-template <typename T>
-LA_SIMD_CLONES T masked_row_max(const T* __restrict__ row, const uint8_t* pad, int64_t begin, int64_t end) {
+// Each row kernel below has one body for both cases: kPadded = false (no mask: `keep` is the constant 1, the loop
+// vectorizes without a load) and true (pad: 1 = padded column, keep = 0 there). The un-suffixed function picks one.
+template <bool kPadded, typename T>
+inline T keep(const uint8_t* pad, int64_t j) {
+  if constexpr (kPadded) return static_cast<T>(1 - pad[j]);
+  return T(1);
+}
+
+// max_j row[j] over the unpadded columns of [begin, end) (-inf when there is none).
+template <bool kPadded, typename T>
+LA_SIMD_CLONES T masked_row_max_(const T* __restrict__ row, const uint8_t* pad, int64_t begin, int64_t end) {
   T mx = -std::numeric_limits<T>::infinity();
-  if (pad == nullptr) {
 #pragma omp simd reduction(max : mx)
-    for (int64_t j = begin; j < end; ++j) mx = std::max(mx, row[j] - T(0));  // "- 0": GCC vectorizes this form
-  } else {
-#pragma omp simd reduction(max : mx)
-    for (int64_t j = begin; j < end; ++j) mx = std::max(mx, row[j] - kPadLogit<T> * static_cast<T>(pad[j]));
+  for (int64_t j = begin; j < end; ++j) {  // "- 0" without a mask: GCC vectorizes this form
+    mx = std::max(mx, row[j] - kPadLogit<T> * (T(1) - keep<kPadded, T>(pad, j)));
   }
   return mx < -kPadLogit<T> / 2 ? -std::numeric_limits<T>::infinity() : mx;
 }
 
 // row[j] = exp(row[j] - shift) over [begin, end) (0 on padded columns); returns the sum. row[j] <= shift.
-template <typename T>
-LA_SIMD_CLONES T exp_weights(T* __restrict__ row, const uint8_t* pad, int64_t begin, int64_t end, T shift) {
+template <bool kPadded, typename T>
+LA_SIMD_CLONES T exp_weights_(T* __restrict__ row, const uint8_t* pad, int64_t begin, int64_t end, T shift) {
   T acc = T(0);
-  if (pad == nullptr) {
 #pragma omp simd reduction(+ : acc)
-    for (int64_t j = begin; j < end; ++j) {
-      const T w = exp_nonpositive(row[j] - shift);
-      row[j] = w;
-      acc += w;
-    }
-  } else {
-#pragma omp simd reduction(+ : acc)
-    for (int64_t j = begin; j < end; ++j) {
-      const T w = exp_nonpositive(row[j] - shift) * static_cast<T>(1 - pad[j]);
-      row[j] = w;
-      acc += w;
-    }
+  for (int64_t j = begin; j < end; ++j) {
+    const T w = exp_nonpositive(row[j] - shift) * keep<kPadded, T>(pad, j);
+    row[j] = w;
+    acc += w;
   }
   return acc;
 }
 
 // row[j] = coef * poly(row[j]) over [begin, end) (0 on padded columns); returns the sum.
-template <typename T>
-LA_SIMD_CLONES T poly_weights(T* __restrict__ row, const uint8_t* pad, int64_t begin, int64_t end, T coef) {
+template <bool kPadded, typename T>
+LA_SIMD_CLONES T poly_weights_(T* __restrict__ row, const uint8_t* pad, int64_t begin, int64_t end, T coef) {
   T acc = T(0);
-  if (pad == nullptr) {
 #pragma omp simd reduction(+ : acc)
-    for (int64_t j = begin; j < end; ++j) {
-      const T w = coef * poly(row[j]);
-      row[j] = w;
-      acc += w;
-    }
-  } else {
-#pragma omp simd reduction(+ : acc)
-    for (int64_t j = begin; j < end; ++j) {
-      const T w = coef * static_cast<T>(1 - pad[j]) * poly(row[j]);
-      row[j] = w;
-      acc += w;
-    }
+  for (int64_t j = begin; j < end; ++j) {
+    const T w = coef * keep<kPadded, T>(pad, j) * poly(row[j]);
+    row[j] = w;
+    acc += w;
   }
   return acc;
 }
@@ -252,51 +239,54 @@ LA_SIMD_CLONES T poly_weights(T* __restrict__ row, const uint8_t* pad, int64_t b
 // Backward of one row segment, with s = row (logits) and dp = dO_i . v_j (minus delta_i gives DP). Inside the window:
 // a = exp(s - lse), dS = a DP, returning sum dS (the window's share of the far weight's gradient); outside it
 // (far_grads, coef = fw e^(-lse)): a = coef poly(s), dS = coef (1 + s) DP. row <- a, dp <- dS, 0 on padded columns.
-template <typename T>
-LA_SIMD_CLONES T window_grads(T* __restrict__ row, T* __restrict__ dp, const uint8_t* pad, int64_t begin, int64_t end,
-                              T lse, T delta) {
+template <bool kPadded, typename T>
+LA_SIMD_CLONES T window_grads_(T* __restrict__ row, T* __restrict__ dp, const uint8_t* pad, int64_t begin, int64_t end,
+                               T lse, T delta) {
   T acc = T(0);
-  if (pad == nullptr) {
 #pragma omp simd reduction(+ : acc)
-    for (int64_t j = begin; j < end; ++j) {
-      const T a = exp_nonpositive(row[j] - lse);
-      const T ds = a * (dp[j] - delta);
-      row[j] = a;
-      dp[j] = ds;
-      acc += ds;
-    }
-  } else {
-#pragma omp simd reduction(+ : acc)
-    for (int64_t j = begin; j < end; ++j) {
-      const T a = exp_nonpositive(row[j] - lse) * static_cast<T>(1 - pad[j]);
-      const T ds = a * (dp[j] - delta);
-      row[j] = a;
-      dp[j] = ds;
-      acc += ds;
-    }
+  for (int64_t j = begin; j < end; ++j) {
+    const T a = exp_nonpositive(row[j] - lse) * keep<kPadded, T>(pad, j);
+    const T ds = a * (dp[j] - delta);
+    row[j] = a;
+    dp[j] = ds;
+    acc += ds;
   }
   return acc;
 }
 
-template <typename T>
-LA_SIMD_CLONES void far_grads(T* __restrict__ row, T* __restrict__ dp, const uint8_t* pad, int64_t begin, int64_t end,
-                              T coef, T delta) {
-  if (pad == nullptr) {
+template <bool kPadded, typename T>
+LA_SIMD_CLONES void far_grads_(T* __restrict__ row, T* __restrict__ dp, const uint8_t* pad, int64_t begin, int64_t end,
+                               T coef, T delta) {
 #pragma omp simd
-    for (int64_t j = begin; j < end; ++j) {
-      const T s = row[j];
-      row[j] = coef * poly(s);
-      dp[j] = coef * (T(1) + s) * (dp[j] - delta);
-    }
-  } else {
-#pragma omp simd
-    for (int64_t j = begin; j < end; ++j) {
-      const T s = row[j];
-      const T c = coef * static_cast<T>(1 - pad[j]);
-      row[j] = c * poly(s);
-      dp[j] = c * (T(1) + s) * (dp[j] - delta);
-    }
+  for (int64_t j = begin; j < end; ++j) {
+    const T s = row[j];
+    const T c = coef * keep<kPadded, T>(pad, j);
+    row[j] = c * poly(s);
+    dp[j] = c * (T(1) + s) * (dp[j] - delta);
   }
+}
+
+// The entry points: pad = null (no key padding) or 1 per padded column.
+template <typename T>
+T masked_row_max(const T* row, const uint8_t* pad, int64_t begin, int64_t end) {
+  return pad ? masked_row_max_<true>(row, pad, begin, end) : masked_row_max_<false>(row, pad, begin, end);
+}
+template <typename T>
+T exp_weights(T* row, const uint8_t* pad, int64_t begin, int64_t end, T shift) {
+  return pad ? exp_weights_<true>(row, pad, begin, end, shift) : exp_weights_<false>(row, pad, begin, end, shift);
+}
+template <typename T>
+T poly_weights(T* row, const uint8_t* pad, int64_t begin, int64_t end, T coef) {
+  return pad ? poly_weights_<true>(row, pad, begin, end, coef) : poly_weights_<false>(row, pad, begin, end, coef);
+}
+template <typename T>
+T window_grads(T* row, T* dp, const uint8_t* pad, int64_t begin, int64_t end, T lse, T delta) {
+  return pad ? window_grads_<true>(row, dp, pad, begin, end, lse, delta)
+             : window_grads_<false>(row, dp, pad, begin, end, lse, delta);
+}
+template <typename T>
+void far_grads(T* row, T* dp, const uint8_t* pad, int64_t begin, int64_t end, T coef, T delta) {
+  pad ? far_grads_<true>(row, dp, pad, begin, end, coef, delta) : far_grads_<false>(row, dp, pad, begin, end, coef, delta);
 }
 
 // The log-normalizer of a row from its stabilizer m and scaled normalizer den; +inf without any key.

@@ -44,7 +44,7 @@ struct Tasks {
   Shape shape(int64_t n, int64_t dv_part) const { return {1, 1, q.len[n], k.len[n], d, dv_part}; }
 };
 
-Rows dense_rows(int64_t batch, int64_t heads, int64_t len) {
+inline Rows dense_rows(int64_t batch, int64_t heads, int64_t len) {
   Rows r;
   r.head_stride = len;
   for (int64_t b = 0; b < batch; ++b) {
@@ -55,7 +55,7 @@ Rows dense_rows(int64_t batch, int64_t heads, int64_t len) {
 }
 
 // q [B, H, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] (checked by describe_problem)
-Tasks dense_tasks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+inline Tasks dense_tasks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   Tasks p;
   p.seqs = q.size(0), p.heads = q.size(1), p.kv_heads = k.size(1), p.d = q.size(3), p.dv = v.size(3);
   p.q = dense_rows(p.seqs, p.heads, q.size(2));
@@ -65,7 +65,7 @@ Tasks dense_tasks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 
 // The sequences of a packed [total, heads, *] tensor from its cu_seqlens (int32 [N + 1], 0 = cu[0] <= ... <=
 // cu[N] = total).
-Rows packed_rows(const at::Tensor& cu, int64_t total, const char* name) {
+inline Rows packed_rows(const at::Tensor& cu, int64_t total, const char* name) {
   TORCH_CHECK(cu.scalar_type() == at::kInt, name, " must be an int32 tensor, got ", cu.scalar_type());
   TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 1, name, " must have shape [N + 1], got ", cu.sizes());
   TORCH_CHECK(cu.device().is_cpu(), name, " must be a CPU tensor, got ", cu.device());
@@ -85,8 +85,8 @@ Rows packed_rows(const at::Tensor& cu, int64_t total, const char* name) {
 }
 
 // q [Tq, H, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv] (checked) and their cu_seqlens.
-Tasks packed_tasks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
-                       const at::Tensor& cu_k, bool causal) {
+inline Tasks packed_tasks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+                          const at::Tensor& cu_k, bool causal) {
   Tasks p;
   p.heads = q.size(1), p.kv_heads = k.size(1), p.d = q.size(2), p.dv = v.size(2);
   p.q = packed_rows(cu_q, q.size(0), "cu_seqlens_q");
@@ -102,15 +102,15 @@ Tasks packed_tasks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 
 // x with dims 0 and 1 swapped, contiguous, in dtype dt (one copy): a packed [T, H, *] tensor as the head-major
 // [H, T, *] buffer of the kernels, and back.
-at::Tensor swap_01(const at::Tensor& x, at::ScalarType dt) {
+inline at::Tensor swap_01(const at::Tensor& x, at::ScalarType dt) {
   std::vector<int64_t> sizes = x.sizes().vec();
   std::swap(sizes[0], sizes[1]);
   at::Tensor y = at::empty(sizes, x.options().dtype(dt));
   y.copy_(x.transpose(0, 1));
   return y;
 }
-at::Tensor head_major(const at::Tensor& x, at::ScalarType acc) { return swap_01(x, acc); }
-at::Tensor token_major(const at::Tensor& x, at::ScalarType dt) { return swap_01(x, dt); }
+inline at::Tensor head_major(const at::Tensor& x, at::ScalarType acc) { return swap_01(x, acc); }
+inline at::Tensor token_major(const at::Tensor& x, at::ScalarType dt) { return swap_01(x, dt); }
 
 // ---------------------------------------------------------------------------------------------------------
 // The value columns of a head in `count` blocks of `width` (the last one may be narrower): one block when there
@@ -122,7 +122,7 @@ struct ColumnSplit {
   int64_t size(int64_t block) const { return std::min(width, dv - block * width); }
 };
 
-ColumnSplit column_split(int64_t tasks, int64_t dv) {
+inline ColumnSplit column_split(int64_t tasks, int64_t dv) {
   const int64_t threads = at::get_num_threads();
   const int64_t count = tasks >= threads || tasks == 0
                             ? 1
@@ -153,7 +153,7 @@ void for_each_task(const Tasks& p, int64_t heads, const ColumnSplit& cs, F fn) {
   });
 }
 
-const bool* mask_ptr(const at::Tensor& mask, int64_t b, int64_t lk) {
+inline const bool* mask_ptr(const at::Tensor& mask, int64_t b, int64_t lk) {
   return mask.defined() ? mask.data_ptr<bool>() + b * lk : nullptr;
 }
 
