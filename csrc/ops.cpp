@@ -43,11 +43,13 @@ TORCH_LIBRARY(linattn_cuda, m) {
   // beyond it, one normalizer. Self-attention: q [B,H,L,D], k [B,Hkv,L,D], v [B,Hkv,L,Dv]; far_weight [H] finite
   // and positive, or None (1). lse [B,H,L] = the log of each row's normalizer (+inf for a row without keys),
   // float32 (float64 for float64 inputs), saved for the backward.
-  m.def("hybrid_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? far_weight, int window, "
-        "bool causal, float scale) -> (Tensor out, Tensor lse)");
+  // Packed sequences: cu_seqlens int32 [N + 1] with q [T,H,D], k [T,Hkv,D], v [T,Hkv,Dv], no key_padding_mask;
+  // lse is then head-major [H,T].
+  m.def("hybrid_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? far_weight, Tensor? cu_seqlens, "
+        "int window, bool causal, float scale) -> (Tensor out, Tensor lse)");
   // grad_far_weight [H] (zeros when far_weight is None).
   m.def("hybrid_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? far_weight, "
-        "Tensor out, Tensor lse, int window, bool causal, float scale) "
+        "Tensor? cu_seqlens, Tensor out, Tensor lse, int window, bool causal, float scale) "
         "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_far_weight)");
   // Causal prefill: the output and the Taylor state (kv [B,Hkv,M,Dv], k_sum [B,Hkv,M]) of the keys
   // 0 .. L - W, which no later query sees inside its window (the last W - 1 keys go to the ring buffer).

@@ -20,7 +20,8 @@ from .api import (
 from .ops.dispatch import available_backends, backend_names
 from .feature_map import feature_dim, taylor_feature_map
 from .ops.hybrid.cache import HybridCache, empty_hybrid_cache
-from .ops.hybrid.functions import hybrid_attention, hybrid_attention_prefill, hybrid_attention_step, hybrid_backends
+from .ops.hybrid.functions import (hybrid_attention, hybrid_attention_prefill, hybrid_attention_step,
+                                   hybrid_attention_varlen, hybrid_backends)
 from .ops.hybrid.naive import hybrid_attention_reference
 from .ops.taylor.state import TaylorState, empty_state
 
@@ -34,6 +35,7 @@ __all__ = [
     "taylor_attention_prefill_varlen",
     "hybrid_attention",
     "hybrid_attention_prefill",
+    "hybrid_attention_varlen",
     "hybrid_attention_step",
     "hybrid_attention_reference",
     "hybrid_backends",

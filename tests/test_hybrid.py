@@ -218,7 +218,7 @@ def test_far_weight_checks(backend):
 def test_cpu_op_checks_far_weight_itself():
     q, k, v, _ = inputs(1, 2, 2, 12, 4, 3, seed=8)
     with pytest.raises(RuntimeError, match="far_weight must be finite and positive"):
-        torch.ops.linattn_cuda.hybrid_fwd(q, k, v, None, torch.tensor([1.0, -1.0]), 3, True, 0.5)
+        torch.ops.linattn_cuda.hybrid_fwd(q, k, v, None, torch.tensor([1.0, -1.0]), None, 3, True, 0.5)
 
 
 def test_window_accepts_numpy_and_torch_integers():
@@ -374,13 +374,13 @@ def test_prefill_reference_is_differentiable():
 def test_opcheck(causal):
     q, k, v, m = inputs(2, 4, 2, 21, 5, 6, seed=41, mask="random", requires_grad=True)
     fw = (torch.rand(4) + 0.5).requires_grad_()
-    args = (q, k, v, m, fw, 6, causal, 0.4)
+    args = (q, k, v, m, fw, None, 6, causal, 0.4)
     torch.library.opcheck(torch.ops.linattn_cuda.hybrid_fwd.default, args)
-    torch.library.opcheck(torch.ops.linattn_cuda.hybrid_fwd.default, (q, k, v, None, None, 6, causal, 0.4))
+    torch.library.opcheck(torch.ops.linattn_cuda.hybrid_fwd.default, (q, k, v, None, None, None, 6, causal, 0.4))
     out, lse = torch.ops.linattn_cuda.hybrid_fwd(*args)
     g = torch.randn_like(out)
     torch.library.opcheck(torch.ops.linattn_cuda.hybrid_bwd.default,
-                          (g, q.detach(), k.detach(), v.detach(), m, fw.detach(), out.detach(), lse, 6, causal, 0.4))
+                          (g, q.detach(), k.detach(), v.detach(), m, fw.detach(), None, out.detach(), lse, 6, causal, 0.4))
     if causal:
         torch.library.opcheck(torch.ops.linattn_cuda.hybrid_prefill.default,
                               (q.detach(), k.detach(), v.detach(), m, fw.detach(), 6, 0.4))
@@ -489,3 +489,84 @@ def test_saved_for_backward_is_like_taylor():
     blocked = _saved_bytes(lambda: hybrid_attention(q, k, v, window=64, backend="reference"))
     assert hybrid <= 1.05 * taylor
     assert blocked > 3 * hybrid
+
+
+# ---------------------------------------------------------------------------------------------------- packed sequences
+
+
+def packed_inputs(lengths, h, hk, d, dv, *, seed, dtype=F32, requires_grad=False):
+    """Packed q [T, H, D], k [T, Hkv, D], v [T, Hkv, Dv] ~ N(0, 1) of sequences with `lengths`, and cu_seqlens."""
+    gen = torch.Generator().manual_seed(seed)
+    t = sum(lengths)
+    q, k, v = (torch.randn(t, n, c, generator=gen, dtype=F64) for n, c in ((h, d), (hk, d), (hk, dv)))
+    cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
+    return (*[x.to(dtype).requires_grad_(requires_grad) for x in (q, k, v)], cu)
+
+
+def per_sequence_reference(q, k, v, cu, **kw):
+    """The float64 definition on each sequence alone, packed again: the ground truth of a varlen call."""
+    b = cu.tolist()
+    dense = lambda x, s, e: x[s:e].double().transpose(0, 1)[None]  # noqa: E731
+    outs = [hybrid_attention_reference(dense(q, s, e), dense(k, s, e), dense(v, s, e), **kw)[0]
+            .transpose(0, 1) for s, e in zip(b[:-1], b[1:])]
+    return torch.cat(outs)
+
+
+# lengths 0, 1, odd, shorter and longer than the window and the chunk (64)
+VARLEN = [
+    pytest.param(([5, 0, 1, 37, 130], 3, 3, 8, 12, 16), id="mha-W16"),
+    pytest.param(([70, 0, 9, 2], 4, 2, 5, 7, 13), id="gqa2-W13"),
+    pytest.param(([1, 3, 201], 3, 1, 7, 9, 70), id="mqa-W70"),
+]
+
+
+@pytest.mark.parametrize("case", VARLEN)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_matches_each_sequence_alone(case, causal, backend):
+    lengths, h, hk, d, dv, w = case
+    q, k, v, cu = packed_inputs(lengths, h, hk, d, dv, seed=seed_for(case, causal, backend), dtype=F64,
+                                requires_grad=True)
+    fw = (torch.rand(h, dtype=F64) + 0.5).requires_grad_()
+    out = la.hybrid_attention_varlen(q, k, v, cu, window=w, causal=causal, far_weight=fw, enable_gqa=True,
+                                     backend=backend)
+    assert out.shape == (sum(lengths), h, dv)
+    kw = dict(window=w, causal=causal, scale=d ** -0.5)
+    ref = per_sequence_reference(q.detach(), k.detach(), v.detach(), cu, far_weight=fw.detach(), **kw)
+    assert max_rel_err(out, ref) < FWD_TOL[F64]
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, fw), g)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, fw)]
+    ref_grads = torch.autograd.grad(per_sequence_reference(*leaves[:3], cu, far_weight=leaves[3], **kw), leaves, g)
+    for name, a, r in zip(("dq", "dk", "dv", "dfw"), grads, ref_grads):
+        assert max_rel_err(a, r) < GRAD_TOL[F64], name
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_varlen_low_precision_equals_the_dense_kernel(dtype):
+    """A packed call equals the dense fused kernel run on each sequence (the same arithmetic, exactly)."""
+    lengths = [33, 1, 0, 90]
+    q, k, v, cu = packed_inputs(lengths, 4, 2, 16, 8, seed=77, dtype=dtype)
+    out = la.hybrid_attention_varlen(q, k, v, cu, window=24, enable_gqa=True, backend="cpu")
+    b = cu.tolist()
+    for s, e in zip(b[:-1], b[1:]):
+        dense = hybrid_attention(*(x[s:e].transpose(0, 1)[None] for x in (q, k, v)), window=24, enable_gqa=True,
+                                 backend="cpu")[0].transpose(0, 1)
+        torch.testing.assert_close(out[s:e], dense, rtol=0, atol=0)
+
+
+@cpu_only
+def test_varlen_opcheck_and_errors():
+    q, k, v, cu = packed_inputs([7, 0, 12], 2, 1, 4, 3, seed=78, requires_grad=True)
+    args = (q, k, v, None, None, cu, 5, True, 0.5)
+    torch.library.opcheck(torch.ops.linattn_cuda.hybrid_fwd.default, args)
+    out, lse = torch.ops.linattn_cuda.hybrid_fwd(*args)
+    assert lse.shape == (2, 19)  # head-major [H, T]
+    torch.library.opcheck(torch.ops.linattn_cuda.hybrid_bwd.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), None, None, cu, out.detach(),
+                           lse, 5, True, 0.5))
+    with pytest.raises(RuntimeError, match="key_padding_mask must be None with cu_seqlens"):
+        torch.ops.linattn_cuda.hybrid_fwd(q, k, v, torch.zeros(1, 19, dtype=torch.bool), None, cu, 5, True, 0.5)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        la.hybrid_attention_varlen(q, k, v, torch.tensor([0, 7, 18], dtype=torch.int32), window=5, enable_gqa=True)

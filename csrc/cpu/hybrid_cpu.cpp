@@ -600,28 +600,36 @@ T backward_head(const Head<T>& hd, const T* g, const T* out, const T* lse, T* dq
 // Argument checks (the Python functions check first; these protect direct torch.ops callers).
 at::ScalarType hybrid_acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// Dense: q [B, H, L, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv], key_padding_mask [B, L] or none. Packed (cu_seqlens
+// int32 [N + 1] given): q [T, H, D], k [T, Hkv, D], v [T, Hkv, Dv], no key_padding_mask (a packed sequence has none).
 void check_hybrid_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                      const c10::optional<at::Tensor>& mask) {
-  TORCH_CHECK(q.dim() == 4, "q must have shape [B, H, L, D], got ", q.sizes());
-  TORCH_CHECK(k.dim() == 4, "k must have shape [B, Hkv, L, D], got ", k.sizes());
-  TORCH_CHECK(v.dim() == 4, "v must have shape [B, Hkv, L, Dv], got ", v.sizes());
+                      const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& cu = c10::nullopt) {
+  const bool packed = cu.has_value();
+  const int64_t nd = packed ? 3 : 4, hd = 1, ld = packed ? 0 : 2;  // head and length dims
+  const char* q_shape = packed ? "[T, H, D]" : "[B, H, L, D]";
+  const char* k_shape = packed ? "[T, Hkv, D]" : "[B, Hkv, L, D]";
+  const char* v_shape = packed ? "[T, Hkv, Dv]" : "[B, Hkv, L, Dv]";
+  TORCH_CHECK(q.dim() == nd, "q must have shape ", q_shape, ", got ", q.sizes());
+  TORCH_CHECK(k.dim() == nd, "k must have shape ", k_shape, ", got ", k.sizes());
+  TORCH_CHECK(v.dim() == nd, "v must have shape ", v_shape, ", got ", v.sizes());
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "q, k, v must be CPU tensors");
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
               "q must be float16, bfloat16, float32 or float64, got ", dt);
   TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "k and v must have q's dtype ", dt);
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3),
-              "k must have shape [B, Hkv, L, D] with q's B, L, D (hybrid attention is self-attention), got q ",
+  const int64_t lq = q.size(ld), h = q.size(hd), hk = k.size(hd), d = q.size(nd - 1);
+  TORCH_CHECK(k.size(ld) == lq && k.size(nd - 1) == d && (packed || k.size(0) == q.size(0)), "k must have shape ",
+              k_shape, " with q's ", packed ? "T, D" : "B, L, D", " (hybrid attention is self-attention), got q ",
               q.sizes(), " and k ", k.sizes());
-  TORCH_CHECK(v.size(0) == q.size(0) && v.size(1) == k.size(1) && v.size(2) == q.size(2),
-              "v must have shape [B, Hkv, L, Dv] matching k ", k.sizes(), ", got ", v.sizes());
-  const int64_t h = q.size(1), hk = k.size(1);
+  TORCH_CHECK(v.size(ld) == lq && v.size(hd) == hk && (packed || v.size(0) == q.size(0)), "v must have shape ",
+              v_shape, " matching k ", k.sizes(), ", got ", v.sizes());
   TORCH_CHECK(hk == h || (hk > 0 && h % hk == 0), "the query heads of q (", h,
               ") must be a multiple of the key/value heads of k (", hk, ") (grouped-query attention)");
-  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= kHybridMaxHeadDim, "q/k feature dim D must be in [1, ", kHybridMaxHeadDim,
-              "], got ", q.size(3));
-  TORCH_CHECK(v.size(3) <= kHybridMaxValueDim, "value dim Dv must be <= ", kHybridMaxValueDim, ", got ", v.size(3));
+  TORCH_CHECK(d >= 1 && d <= kHybridMaxHeadDim, "q/k feature dim D must be in [1, ", kHybridMaxHeadDim, "], got ", d);
+  TORCH_CHECK(v.size(nd - 1) <= kHybridMaxValueDim, "value dim Dv must be <= ", kHybridMaxValueDim, ", got ",
+              v.size(nd - 1));
   if (mask.has_value()) {
+    TORCH_CHECK(!packed, "key_padding_mask must be None with cu_seqlens (packed sequences hold no padding)");
     TORCH_CHECK(mask->scalar_type() == at::kBool, "key_padding_mask must be bool (True = padding), got ",
                 mask->scalar_type());
     TORCH_CHECK(mask->dim() == 2 && mask->size(0) == q.size(0) && mask->size(1) == q.size(2),
@@ -648,19 +656,34 @@ std::vector<double> far_weights(const c10::optional<at::Tensor>& fw, int64_t hea
 
 int64_t hybrid_chunk() { return env_int("LINATTN_CPU_HYBRID_CHUNK", kHybridChunk); }
 
-// q, k, v in the accumulation type, contiguous, with the padded keys' rows of k and v zeroed (so that 0 * x stays
-// 0 in the GEMMs whatever a padded key holds).
+// q, k, v in the accumulation type as the kernels' head-major buffers (dense [B, H, L, *] as they are, packed
+// [T, H, *] transposed to [H, T, *]), with the padded keys' rows of k and v zeroed (so that 0 * x stays 0 in the
+// GEMMs whatever a padded key holds), and the (sequence, head) tasks of the call.
 struct Inputs {
   at::Tensor q, k, v, mask;
+  Tasks p;
+  bool packed = false;
+  at::ScalarType acc;
+  at::Tensor to_buffer(const at::Tensor& x) const { return packed ? head_major(x, acc) : x.to(acc).contiguous(); }
+  at::Tensor from_buffer(const at::Tensor& x, at::ScalarType dt) const { return packed ? token_major(x, dt) : x.to(dt); }
+  // An empty buffer of `width` columns per row (0: one value per row), and the shapes the ops return.
+  at::Tensor rows(int64_t heads, int64_t width) const {
+    const int64_t len = packed ? p.q.head_stride : q.size(2);
+    std::vector<int64_t> shape = packed ? std::vector<int64_t>{heads, len} : std::vector<int64_t>{p.seqs, heads, len};
+    if (width > 0) shape.push_back(width);
+    return at::empty(shape, q.options());
+  }
 };
 
 Inputs prepare(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-               const c10::optional<at::Tensor>& mask_in) {
-  const auto acc = hybrid_acc_type(q_in.scalar_type());
+               const c10::optional<at::Tensor>& mask_in, const c10::optional<at::Tensor>& cu, bool causal) {
   Inputs in;
-  in.q = q_in.to(acc).contiguous();
-  in.k = k_in.to(acc).contiguous();
-  in.v = v_in.to(acc).contiguous();
+  in.acc = hybrid_acc_type(q_in.scalar_type());
+  in.packed = cu.has_value();
+  in.q = in.to_buffer(q_in);
+  in.k = in.to_buffer(k_in);
+  in.v = in.to_buffer(v_in);
+  in.p = in.packed ? packed_tasks(q_in, k_in, v_in, *cu, *cu, causal) : dense_tasks(in.q, in.k, in.v);
   if (mask_in.has_value()) {
     in.mask = mask_in->contiguous();
     const at::Tensor pad = in.mask.view({in.mask.size(0), 1, in.mask.size(1), 1});
@@ -689,45 +712,47 @@ Head<T> head_view(const Tasks& p, const Inputs& in, int64_t n, int64_t h, int64_
 // The ops (schemas in csrc/ops.cpp).
 std::tuple<at::Tensor, at::Tensor> hybrid_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                  const at::Tensor& v_in, const c10::optional<at::Tensor>& mask_in,
-                                                 const c10::optional<at::Tensor>& far_weight, int64_t window,
+                                                 const c10::optional<at::Tensor>& far_weight,
+                                                 const c10::optional<at::Tensor>& cu_seqlens, int64_t window,
                                                  bool causal, double scale) {
-  check_hybrid_qkv(q_in, k_in, v_in, mask_in);
+  check_hybrid_qkv(q_in, k_in, v_in, mask_in, cu_seqlens);
   check_window_arg(window);
-  const Inputs in = prepare(q_in, k_in, v_in, mask_in);
-  const Tasks p = dense_tasks(in.q, in.k, in.v);
+  const Inputs in = prepare(q_in, k_in, v_in, mask_in, cu_seqlens, causal);
+  const Tasks& p = in.p;
   const std::vector<double> fw = far_weights(far_weight, p.heads);
-  at::Tensor out = at::empty({q_in.size(0), p.heads, q_in.size(2), p.dv}, in.q.options());
-  at::Tensor lse = at::empty({q_in.size(0), p.heads, q_in.size(2)}, in.q.options());
-  AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "hybrid_fwd_cpu", [&] {
+  at::Tensor out = in.rows(p.heads, p.dv), lse = in.rows(p.heads, 0);  // lse stays head-major ([H, T] packed)
+  AT_DISPATCH_FLOATING_TYPES(in.acc, "hybrid_fwd_cpu", [&] {
     for_each_task(p, p.heads, ColumnSplit{1, p.dv, p.dv}, [&](int64_t n, int64_t h, int64_t) {
       const Head<scalar_t> hd = head_view<scalar_t>(p, in, n, h, window, causal, scale, fw[h]);
       const int64_t qr = p.q.row(n, h);
       forward_head(hd, out.data_ptr<scalar_t>() + qr * p.dv, lse.data_ptr<scalar_t>() + qr, static_cast<scalar_t*>(nullptr), 0);
     });
   });
-  return {out.to(q_in.scalar_type()), lse};
+  return {in.from_buffer(out, q_in.scalar_type()), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hybrid_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const c10::optional<at::Tensor>& mask_in, const c10::optional<at::Tensor>& far_weight, const at::Tensor& out_in,
-    const at::Tensor& lse_in, int64_t window, bool causal, double scale) {
-  check_hybrid_qkv(q_in, k_in, v_in, mask_in);
+    const c10::optional<at::Tensor>& mask_in, const c10::optional<at::Tensor>& far_weight,
+    const c10::optional<at::Tensor>& cu_seqlens, const at::Tensor& out_in, const at::Tensor& lse_in, int64_t window,
+    bool causal, double scale) {
+  check_hybrid_qkv(q_in, k_in, v_in, mask_in, cu_seqlens);
   check_window_arg(window);
-  const Inputs in = prepare(q_in, k_in, v_in, mask_in);
-  const Tasks p = dense_tasks(in.q, in.k, in.v);
+  const Inputs in = prepare(q_in, k_in, v_in, mask_in, cu_seqlens, causal);
+  const Tasks& p = in.p;
   const std::vector<double> fw = far_weights(far_weight, p.heads);
-  const int64_t b = q_in.size(0), len = q_in.size(2);
-  TORCH_CHECK(grad_out.sizes() == out_in.sizes() && out_in.dim() == 4 && out_in.size(0) == b &&
-                  out_in.size(1) == p.heads && out_in.size(2) == len && out_in.size(3) == p.dv,
-              "grad_out and out must have shape [B, H, L, Dv], got ", grad_out.sizes(), " and ", out_in.sizes());
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == b && lse_in.size(1) == p.heads && lse_in.size(2) == len,
-              "lse must have shape [B, H, L], got ", lse_in.sizes());
-  const auto acc = in.q.scalar_type();
-  const at::Tensor g = grad_out.to(acc).contiguous(), out = out_in.to(acc).contiguous(),
-                   lse = lse_in.to(acc).contiguous();
+  std::vector<int64_t> out_shape = q_in.sizes().vec();
+  out_shape.back() = p.dv;
+  TORCH_CHECK(grad_out.sizes() == out_in.sizes() && out_in.sizes() == at::IntArrayRef(out_shape),
+              "grad_out and out must have shape ", at::IntArrayRef(out_shape), " (q's with Dv), got ",
+              grad_out.sizes(), " and ", out_in.sizes());
+  const at::Tensor lse_like = in.rows(p.heads, 0);
+  TORCH_CHECK(lse_in.sizes() == lse_like.sizes(), "lse must have shape ", lse_like.sizes(),
+              in.packed ? " ([H, T])" : " ([B, H, L])", ", got ", lse_in.sizes());
+  const auto acc = in.acc;
+  const at::Tensor g = in.to_buffer(grad_out), out = in.to_buffer(out_in), lse = lse_in.to(acc).contiguous();
   at::Tensor dq = at::zeros_like(in.q), dk = at::zeros_like(in.k), dv = at::zeros_like(in.v);
-  at::Tensor dfw = at::zeros({b, p.heads}, in.q.options());
+  at::Tensor dfw = at::zeros({p.seqs, p.heads}, in.q.options());
   const int64_t group = p.group();
   AT_DISPATCH_FLOATING_TYPES(acc, "hybrid_bwd_cpu", [&] {
     // A task per (sequence, key/value head): it owns that head's dk and dv and runs its query heads in turn.
@@ -755,7 +780,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hybrid_bwd_cpu(
   });
   const auto dt = q_in.scalar_type();
   const at::Tensor dfw_out = far_weight.has_value() ? dfw.sum(0).to(far_weight->scalar_type()) : dfw.sum(0);
-  return {dq.to(dt), dk.to(dt), dv.to(dt), dfw_out};
+  return {in.from_buffer(dq, dt), in.from_buffer(dk, dt), in.from_buffer(dv, dt), dfw_out};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hybrid_prefill_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -765,8 +790,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hybrid_prefill_cpu(const at::Tens
                                                                   int64_t window, double scale) {
   check_hybrid_qkv(q_in, k_in, v_in, mask_in);
   check_window_arg(window);
-  const Inputs in = prepare(q_in, k_in, v_in, mask_in);
-  const Tasks p = dense_tasks(in.q, in.k, in.v);
+  const Inputs in = prepare(q_in, k_in, v_in, mask_in, c10::nullopt, true);
+  const Tasks& p = in.p;
   const std::vector<double> fw = far_weights(far_weight, p.heads);
   const int64_t b = q_in.size(0), len = q_in.size(2), m = 1 + p.d + p.d * (p.d + 1) / 2, group = p.group();
   at::Tensor out = at::empty({b, p.heads, len, p.dv}, in.q.options());

@@ -2,9 +2,9 @@
 ``torch.ops.linattn_cuda.hybrid_*`` (schemas in csrc/ops.cpp), with their fake kernels (torch.compile) and the
 autograd of ``hybrid_fwd``.
 
-    hybrid_fwd(q, k, v, key_padding_mask?, far_weight?, window, causal, scale) -> (out, lse)   differentiable in
-                                                                                  q, k, v and far_weight
-    hybrid_bwd(grad_out, q, k, v, key_padding_mask?, far_weight?, out, lse, window, causal, scale)
+    hybrid_fwd(q, k, v, key_padding_mask?, far_weight?, cu_seqlens?, window, causal, scale) -> (out, lse)
+        differentiable in q, k, v and far_weight; packed [T, H, *] sequences with cu_seqlens (lse [H, T])
+    hybrid_bwd(grad_out, q, k, v, key_padding_mask?, far_weight?, cu_seqlens?, out, lse, window, causal, scale)
         -> (dq, dk, dv, d_far_weight)
     hybrid_prefill(q, k, v, key_padding_mask?, far_weight?, window, scale) -> (out, kv, k_sum)   causal, no autograd
     hybrid_step(q, k, v, key_padding_mask?, ring_k!, ring_v!, ring_pad!, kv!, k_sum!, position!, far_weight?, scale)
@@ -52,9 +52,10 @@ def _check_limits(q, v) -> None:
         raise ValueError(f"backend 'cpu' supports value dim Dv <= {MAX_VALUE_DIM} for hybrid attention, got Dv = {dv}")
 
 
-def attention(q, k, v, *, window, causal, scale, key_padding_mask, far_weight):
+def attention(q, k, v, *, window, causal, scale, key_padding_mask, far_weight, cu_seqlens=None):
     _check_limits(q, v)
-    out, _ = torch.ops.linattn_cuda.hybrid_fwd(q, k, v, key_padding_mask, far_weight, window, causal, scale)
+    out, _ = torch.ops.linattn_cuda.hybrid_fwd(q, k, v, key_padding_mask, far_weight, cu_seqlens, window, causal,
+                                               scale)
     return out
 
 
@@ -75,14 +76,18 @@ def step(q, k, v, cache: HybridCache, *, scale, key_padding_mask, far_weight):
 
 # ----------------------------------------------------------------------------------------------------
 # fake kernels and autograd
-def _fwd_fake(q, k, v, key_padding_mask, far_weight, window, causal, scale):
+def _fwd_fake(q, k, v, key_padding_mask, far_weight, cu_seqlens, window, causal, scale):
+    acc = accumulate_dtype(q.dtype)
+    if cu_seqlens is not None:  # packed: out [T, H, Dv], lse head-major [H, T]
+        torch._check(q.dim() == 3 and k.dim() == 3 and v.dim() == 3, lambda: "packed q, k, v must be 3-D")
+        return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[1], q.shape[0], dtype=acc)
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "q, k, v must be 4-D")
     out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
-    lse = q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=accumulate_dtype(q.dtype))
+    lse = q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=acc)
     return out, lse
 
 
-def _bwd_fake(grad_out, q, k, v, key_padding_mask, far_weight, out, lse, window, causal, scale):
+def _bwd_fake(grad_out, q, k, v, key_padding_mask, far_weight, cu_seqlens, out, lse, window, causal, scale):
     fw_dtype = far_weight.dtype if far_weight is not None else accumulate_dtype(q.dtype)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(q.shape[1], dtype=fw_dtype)
 
@@ -100,21 +105,21 @@ def _step_fake(q, k, v, key_padding_mask, ring_k, ring_v, ring_pad, kv, k_sum, p
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, far_weight, window, causal, scale = inputs
+    q, k, v, key_padding_mask, far_weight, cu_seqlens, window, causal, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, key_padding_mask, far_weight, out, lse)
+    ctx.save_for_backward(q, k, v, key_padding_mask, far_weight, cu_seqlens, out, lse)
     ctx.window, ctx.causal, ctx.scale = window, causal, scale
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, key_padding_mask, far_weight, out, lse = ctx.saved_tensors
+    q, k, v, key_padding_mask, far_weight, cu_seqlens, out, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv, dfw = torch.ops.linattn_cuda.hybrid_bwd(
-        grad_out, q, k, v, key_padding_mask, far_weight, out, lse, ctx.window, ctx.causal, ctx.scale
+        grad_out, q, k, v, key_padding_mask, far_weight, cu_seqlens, out, lse, ctx.window, ctx.causal, ctx.scale
     )
-    return dq, dk, dv, None, (dfw if far_weight is not None else None), None, None, None
+    return dq, dk, dv, None, (dfw if far_weight is not None else None), None, None, None, None
 
 
 if _has_ops():

@@ -22,7 +22,7 @@ from . import blocked
 from .cache import HybridCache, check_cache, empty_hybrid_cache
 from .checks import check_far_weight, check_hybrid_inputs, check_window
 
-__all__ = ["hybrid_attention", "hybrid_attention_prefill", "hybrid_attention_step", "empty_hybrid_cache",
+__all__ = ["hybrid_attention", "hybrid_attention_varlen", "hybrid_attention_prefill", "hybrid_attention_step", "empty_hybrid_cache",
            "HybridCache", "hybrid_backends"]
 
 BACKENDS = ("auto", "cpu", "triton", "reference")
@@ -121,6 +121,53 @@ def hybrid_attention(
                                                 key_padding_mask=key_padding_mask, far_weight=far_weight)
     return _impl(name).attention(q, k, v, window=window, causal=bool(causal), scale=scale,
                                  key_padding_mask=key_padding_mask, far_weight=far_weight)
+
+
+def hybrid_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    window,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    far_weight: Optional[torch.Tensor] = None,
+    enable_gqa: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`hybrid_attention` over packed variable-length sequences (the layout of ``flash_attn_varlen_func``).
+
+    ``q [T, H, D]``, ``k [T, Hkv, D]``, ``v [T, Hkv, Dv]`` hold N sequences one after another; ``cu_seqlens``
+    (int32 ``[N + 1]``, 0 = cu[0] <= ... <= cu[N] = T) says where each starts. Returns ``out [T, H, Dv]``, equal to
+    :func:`hybrid_attention` on each sequence alone (the window and the Taylor part never cross a sequence's
+    boundary; an empty sequence contributes nothing). Differentiable in q, k, v and far_weight. One fused call over
+    every sequence on "cpu"; "reference" loops over the sequences in plain PyTorch; the Triton hybrid kernels do
+    not take packed sequences yet (an error says so).
+    """
+    from ..problem import varlen_problem
+
+    varlen_problem(q, k, v, cu_seqlens, cu_seqlens, causal=causal, enable_gqa=enable_gqa)  # the checks
+    window = check_window(window)
+    far_weight = check_far_weight(far_weight, q.shape[1], q.device)
+    scale = resolve_scale(scale, q.shape[-1])
+    name = _resolve(backend, q)
+    if name == "triton":
+        raise NotImplementedError("hybrid_attention_varlen: the triton hybrid kernels do not take packed sequences "
+                                  "yet; pass backend='reference' (plain PyTorch, a loop over the sequences) or call "
+                                  "hybrid_attention per sequence")
+    if name == "reference" or q.numel() == 0:
+        bounds = cu_seqlens.tolist()
+        outs = [
+            blocked.hybrid_attention_blocked(
+                q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None],
+                window=window, causal=bool(causal), scale=scale, key_padding_mask=None, far_weight=far_weight,
+            )[0].transpose(0, 1)
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ]
+        return torch.cat(outs) if outs else q.new_empty(0, q.shape[1], v.shape[-1])
+    return _impl(name).attention(q, k, v, window=window, causal=bool(causal), scale=scale, key_padding_mask=None,
+                                 far_weight=far_weight, cu_seqlens=cu_seqlens)
 
 
 def hybrid_attention_prefill(
