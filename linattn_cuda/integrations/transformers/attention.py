@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ... import hybrid_attention, taylor_attention, taylor_attention_varlen
+from ... import hybrid_attention, hybrid_attention_varlen, taylor_attention, taylor_attention_varlen
 from . import handoff
 from .hybrid_decoding import hybrid_attention_with_prefix
 
@@ -132,7 +132,12 @@ def _packed(spec, query, key, value, cu_q, cu_k, causal, scale, gqa):
         if not torch.equal(cu_q, cu_k):
             raise NotImplementedError("hybrid attention of packed sequences is self-attention: cu_seq_lens_q must "
                                       "equal cu_seq_lens_k")
-        # one hybrid_attention call per sequence (no packed hybrid kernel yet): a Python loop over the sequences
+        triton = spec.backend == "triton" or (spec.backend == "auto" and q.device.type == "cuda")
+        if not triton:  # one fused call over every sequence
+            out = hybrid_attention_varlen(q, k, v, cu_q, window=spec.window, causal=causal, scale=scale,
+                                          enable_gqa=gqa, backend=spec.backend)
+            return out.reshape(b, lq, h, -1)
+        # the Triton hybrid kernels take no packed sequences yet: one fused call per sequence
         bounds = cu_q.tolist()
         pieces = []
         for start, end in zip(bounds[:-1], bounds[1:]):
